@@ -1,0 +1,143 @@
+"""Plain, validated configuration for every entry point.
+
+Flags are parsed once in `main.py` and turned into a `Config`; library code
+only ever sees this dataclass, so it is callable from Python and tests
+without absl. Each field's `help` metadata doubles as its flag's help text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+
+class CnnJaxError(Exception):
+  """A user-facing error: `main` prints its message on one line and exits."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:  # pylint: disable=redefined-builtin
+  return dataclasses.field(default=default, metadata={'help': help, **kw})
+
+
+MODELS = ('simple_cnn', 'deep_cnn')
+OPTIMIZERS = ('adam', 'adamw', 'sgd', 'nesterov', 'rmsprop')
+SCHEDULES = ('constant', 'cosine', 'onecycle', 'step')
+DTYPES = ('float32', 'bfloat16')
+CONV_IMPLS = ('xla', 'im2col', 'shifted', 'auto')
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything a run needs; saved as `workdir/config.json`."""
+
+  # Data.
+  dataset: str = _f('mnist', 'TFDS image-classification dataset of fixed '
+                    'image shape (mnist, fashion_mnist, kmnist, emnist/digits, ...).')
+  tfds_data_dir: str = _f('', 'TFDS data dir; empty means $TFDS_DATA_DIR or '
+                          'the TFDS default (~/tensorflow_datasets).')
+  download: bool = _f(True, 'Let TFDS download the dataset when it is not '
+                      'prepared in the data dir (needs internet).')
+  val_examples: int = _f(5000, 'Examples held out of the train split for '
+                         'validation and best-checkpoint selection.')
+  train_examples: int = _f(0, 'Use only the first N training examples '
+                           '(0 = all); for quick runs and tests.')
+  test_examples: int = _f(0, 'Evaluate on only the first N test examples '
+                          '(0 = all 10,000).')
+  augment: bool = _f(False, 'On-device random shifts/rotations/scaling of '
+                     'training images, inside jit.')
+  aug_max_shift: float = _f(2.0, 'Augmentation: max translation in pixels.')
+  aug_max_rotation: float = _f(10.0, 'Augmentation: max rotation in degrees.')
+  aug_max_scale: float = _f(0.1, 'Augmentation: max relative zoom in/out.')
+
+  # Model.
+  model: str = _f('simple_cnn', f'Model from the registry: {", ".join(MODELS)}.')
+  width_multiplier: float = _f(1.0, 'Scales every conv layer\'s filter count '
+                               '(ablations: 0.5, 1, 2).')
+  dense_features: int = _f(0, 'Hidden dense width (0 = the model default: '
+                           '64 for simple_cnn, 128 for deep_cnn).')
+  batch_norm: bool = _f(True, 'deep_cnn: use batch normalization.')
+  dropout_rate: float = _f(0.25, 'deep_cnn: dropout rate after conv stages '
+                           'and the hidden dense layer.')
+  conv_impl: str = _f('auto', f'Convolution kernel: {", ".join(CONV_IMPLS)}. '
+                      'All give the same parameters; auto picks the fastest '
+                      'per layer for the backend.')
+  dtype: str = _f('float32', 'Compute dtype (bfloat16 = mixed precision, '
+                  'params stay float32).')
+
+  # Optimization.
+  epochs: int = _f(10, 'Training epochs.')
+  batch_size: int = _f(128, 'Global training batch size.')
+  eval_batch_size: int = _f(1000, 'Batch size for evaluation.')
+  optimizer: str = _f('adam', f'Optimizer: {", ".join(OPTIMIZERS)}.')
+  learning_rate: float = _f(1e-3, 'Peak learning rate.')
+  lr_schedule: str = _f('constant', f'Schedule: {", ".join(SCHEDULES)}.')
+  warmup_epochs: float = _f(0.0, 'Linear warm-up length (cosine/onecycle).')
+  momentum: float = _f(0.9, 'Momentum for sgd/nesterov/rmsprop.')
+  weight_decay: float = _f(0.0, 'Decoupled weight decay (adamw) or L2 added '
+                           'to gradients (others).')
+  label_smoothing: float = _f(0.0, 'Label smoothing of the one-hot targets.')
+  grad_clip_norm: float = _f(0.0, 'Clip gradients to this global norm '
+                             '(0 = off).')
+  seed: int = _f(0, 'Fixes init, data order, dropout and augmentation.')
+
+  # Bookkeeping.
+  log_every_steps: int = _f(100, 'Log a progress line about this often.')
+  checkpoint_every_steps: int = _f(0, 'Also save the latest state every N '
+                                   'steps within an epoch (0 = each epoch).')
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> 'Config':
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+  def replace(self, **kw: Any) -> 'Config':
+    return dataclasses.replace(self, **kw)
+
+  @property
+  def data_dir(self) -> str | None:
+    return self.tfds_data_dir or os.environ.get('TFDS_DATA_DIR') or None
+
+
+def validate(config: Config) -> Config:
+  """Raises CnnJaxError naming the first bad value; returns config."""
+  def bad(msg: str) -> None:
+    raise CnnJaxError(msg)
+
+  choices = {'model': MODELS, 'optimizer': OPTIMIZERS,
+             'lr_schedule': SCHEDULES, 'dtype': DTYPES,
+             'conv_impl': CONV_IMPLS}
+  for name, allowed in choices.items():
+    value = getattr(config, name)
+    if value not in allowed:
+      bad(f'unknown --{name}={value!r}; choose one of: {", ".join(allowed)}')
+  for name in ('epochs', 'batch_size', 'eval_batch_size', 'log_every_steps'):
+    if getattr(config, name) <= 0:
+      bad(f'--{name} must be a positive integer, got {getattr(config, name)}')
+  for name in ('learning_rate', 'width_multiplier'):
+    v = getattr(config, name)
+    if not (v > 0 and math.isfinite(v)):
+      bad(f'--{name} must be a positive number, got {v}')
+  for name in ('val_examples', 'train_examples', 'test_examples',
+               'dense_features', 'checkpoint_every_steps', 'warmup_epochs',
+               'weight_decay', 'grad_clip_norm', 'aug_max_shift',
+               'aug_max_rotation', 'aug_max_scale'):
+    v = getattr(config, name)
+    if not (v >= 0 and math.isfinite(v)):
+      bad(f'--{name} must be >= 0, got {v}')
+  for name in ('dropout_rate', 'label_smoothing', 'momentum'):
+    v = getattr(config, name)
+    if not 0 <= v < 1:
+      bad(f'--{name} must be in [0, 1), got {v}')
+  if config.warmup_epochs >= config.epochs and config.lr_schedule in (
+      'cosine', 'onecycle'):
+    bad(f'--warmup_epochs ({config.warmup_epochs}) must be less than --epochs '
+        f'({config.epochs})')
+  if not config.dataset.strip():
+    bad('--dataset must name a TFDS dataset')
+  return config

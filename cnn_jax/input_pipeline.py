@@ -1,0 +1,175 @@
+"""MNIST-shaped TFDS image-classification data, held in memory.
+
+TFDS reads and decodes the dataset once; the arrays (uint8 images, int
+labels) then live on the accelerator, and each epoch is a seeded permutation
+of indices computed on device. Normalization and one-hot encoding happen
+inside the jitted step (`preprocess`), so the input never stalls training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnn_jax.config import Config, CnnJaxError
+
+SHARED_HINT = ('point --tfds_data_dir (or $TFDS_DATA_DIR) at a folder that '
+               'holds it, e.g. ../shared/tensorflow_datasets')
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What models and analysis need to know about a dataset."""
+
+  name: str
+  num_classes: int
+  class_names: tuple[str, ...]
+  image_shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  images: np.ndarray  # uint8 [N, H, W, C]
+  labels: np.ndarray  # int32 [N]
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  info: DatasetInfo
+  train: Split | None
+  val: Split | None
+  test: Split | None
+
+
+def _online(host: str = 'storage.googleapis.com', timeout: float = 3.0) -> bool:
+  try:
+    socket.create_connection((host, 443), timeout=timeout).close()
+    return True
+  except OSError:
+    return False
+
+
+def get_builder(config: Config):
+  """Returns a prepared TFDS builder, downloading only when it can succeed."""
+  import tensorflow as tf  # Deferred: importing TF costs seconds.
+  import tensorflow_datasets as tfds
+  # TF only reads files here: keep it off the GPU/TPU that JAX uses.
+  tf.config.set_visible_devices([], 'GPU')
+  data_dir = config.data_dir
+  where = data_dir or '~/tensorflow_datasets (the TFDS default)'
+  try:
+    builder = tfds.builder(config.dataset, data_dir=data_dir)
+  except Exception as e:  # DatasetNotFoundError and friends.
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise CnnJaxError(f'unknown --dataset={config.dataset!r}: {first}') from e
+  if not builder.is_prepared():
+    if not config.download:
+      raise CnnJaxError(f'dataset {config.dataset!r} is not prepared in {where} '
+                        f'and --nodownload was given; {SHARED_HINT}')
+    if not _online():
+      raise CnnJaxError(f'dataset {config.dataset!r} is not prepared in {where} '
+                        f'and there is no network to download it; {SHARED_HINT}')
+    try:
+      builder.download_and_prepare()
+    except Exception as e:
+      raise CnnJaxError(f'could not download {config.dataset!r} into {where} '
+                        f'({type(e).__name__}: {str(e)[:200]}); {SHARED_HINT}'
+                        ) from e
+  return builder
+
+
+def dataset_info(builder) -> DatasetInfo:
+  """Reads classes and image shape from the TFDS info, never from constants."""
+  import tensorflow_datasets as tfds
+  features = builder.info.features
+  name = builder.info.full_name
+  if 'image' not in features or 'label' not in features:
+    raise CnnJaxError(f'dataset {name!r} is not an image-classification dataset '
+                      '(it needs "image" and "label" features)')
+  label = features['label']
+  if not isinstance(label, tfds.features.ClassLabel):
+    raise CnnJaxError(f'dataset {name!r} has no class labels')
+  shape = tuple(features['image'].shape)
+  if None in shape or len(shape) != 3:
+    raise CnnJaxError(f'dataset {name!r} has images of variable shape {shape}; '
+                      'only fixed-shape (MNIST-like) images are supported')
+  return DatasetInfo(name=builder.info.name, num_classes=label.num_classes,
+                     class_names=tuple(label.names), image_shape=shape)
+
+
+def _read_split(builder, split: str, limit: int = 0) -> Split:
+  import tensorflow_datasets as tfds
+  ds = builder.as_dataset(split=split, shuffle_files=False)
+  if limit:
+    ds = ds.take(limit)
+  images, labels = [], []
+  for batch in tfds.as_numpy(ds.batch(10_000)):
+    images.append(batch['image'])
+    labels.append(batch['label'])
+  return Split(np.concatenate(images).astype(np.uint8),
+               np.concatenate(labels).astype(np.int32))
+
+
+def load(config: Config, splits: Sequence[str] = ('train', 'val', 'test')
+         ) -> Dataset:
+  """Loads the requested splits into memory.
+
+  'val' is the last `config.val_examples` examples of the TFDS train split and
+  'train' the rest (optionally its first `config.train_examples`), so the two
+  never overlap and test is never used for model selection.
+  """
+  builder = get_builder(config)
+  info = dataset_info(builder)
+  out: dict[str, Split | None] = {'train': None, 'val': None, 'test': None}
+  if 'train' in splits or 'val' in splits:
+    full = _read_split(builder, 'train')
+    n_val = config.val_examples
+    if n_val >= len(full) or (n_val == 0 and 'val' in splits):
+      raise CnnJaxError(f'--val_examples={n_val} must be between 1 and '
+                        f'{len(full) - 1} (the train split has {len(full)})')
+    cut = len(full) - n_val
+    train = Split(full.images[:cut], full.labels[:cut])
+    if config.train_examples:
+      train = Split(train.images[:config.train_examples],
+                    train.labels[:config.train_examples])
+    out['train'] = train if 'train' in splits else None
+    out['val'] = Split(full.images[cut:], full.labels[cut:]) if 'val' in splits else None
+  if 'test' in splits:
+    out['test'] = _read_split(builder, 'test', config.test_examples)
+  return Dataset(info=info, **out)
+
+
+def normalize(images: jax.Array) -> jax.Array:
+  """uint8 pixels -> float32 in [0, 1] (what the model sees everywhere)."""
+  return images.astype(jnp.float32) / 255.0
+
+
+def one_hot(labels: jax.Array, num_classes: int) -> jax.Array:
+  """Integer labels -> categorical (one-hot) float targets."""
+  return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+
+
+def preprocess(images: jax.Array, labels: jax.Array, num_classes: int
+               ) -> tuple[jax.Array, jax.Array]:
+  """A batch as the model trains on it: normalized images, one-hot labels."""
+  return normalize(images), one_hot(labels, num_classes)
+
+
+def epoch_permutation(data_key: jax.Array, epoch: int | jax.Array,
+                      num_examples: int) -> jax.Array:
+  """The example order of one epoch: a pure function of (seed key, epoch).
+
+  A resumed run recomputes exactly the order the interrupted run used.
+  """
+  return jax.random.permutation(jax.random.fold_in(data_key, epoch),
+                                num_examples)
+
+

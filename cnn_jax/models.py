@@ -1,0 +1,147 @@
+"""The CNNs, as Flax Linen modules, and a registry that builds them.
+
+Every model is called as ``model.apply(variables, x, train=...)`` on NHWC
+float images and returns logits. Post-activation and pooled feature maps are
+`sow`n into the ``intermediates`` collection under readable names, so
+``capture_intermediates=True, mutable=['intermediates']`` exposes every stage
+of any registered model without per-model analysis code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cnn_jax.config import Config, CnnJaxError
+from cnn_jax.conv import Conv
+
+
+def _pool(x: jax.Array) -> jax.Array:
+  return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+class SimpleCNN(nn.Module):
+  """The seed model: 3 VALID 3x3 convs (32, 64, 64), 2 max-pools, 2 denses.
+
+  With the default widths on 28x28x1 inputs it has exactly 93,322 params.
+  """
+
+  num_classes: int = 10
+  features: Sequence[int] = (32, 64, 64)
+  dense_features: int = 64
+  conv_impl: str = 'auto'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    del train  # No train/eval difference in this model.
+    x = x.astype(self.dtype)
+    for i, features in enumerate(self.features, start=1):
+      x = Conv(features, padding='VALID', impl=self.conv_impl,
+               dtype=self.dtype, name=f'conv{i}')(x)
+      x = nn.relu(x)
+      self.sow('intermediates', f'conv{i}_relu', x)
+      if i < len(self.features):
+        x = _pool(x)
+        self.sow('intermediates', f'pool{i}', x)
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(self.dense_features, dtype=self.dtype,
+                         name='dense1')(x))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name='logits')(x)
+    return x.astype(jnp.float32)
+
+
+class DeepCNN(nn.Module):
+  """Deeper CNN: stages of [conv -> BN -> ReLU] x n, max-pool, dropout.
+
+  Then a hidden dense layer with BN and dropout. Batch statistics live in the
+  ``batch_stats`` collection; ``train=True`` updates them and enables dropout
+  (needs a ``dropout`` rng), ``train=False`` uses running averages.
+  """
+
+  num_classes: int = 10
+  stage_features: Sequence[int] = (32, 64)
+  convs_per_stage: int = 2
+  dense_features: int = 128
+  dropout_rate: float = 0.25
+  batch_norm: bool = True
+  conv_impl: str = 'auto'
+  dtype: Any = jnp.float32
+
+  def _norm(self, x: jax.Array, train: bool, name: str) -> jax.Array:
+    if not self.batch_norm:
+      return x
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                        dtype=self.dtype, name=name)(x)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = x.astype(self.dtype)
+    for s, features in enumerate(self.stage_features, start=1):
+      for c in range(1, self.convs_per_stage + 1):
+        tag = f'{s}_{c}'
+        x = Conv(features, padding='VALID', use_bias=not self.batch_norm,
+                 impl=self.conv_impl, dtype=self.dtype, name=f'conv{tag}')(x)
+        x = nn.relu(self._norm(x, train, f'bn{tag}'))
+        self.sow('intermediates', f'conv{tag}_relu', x)
+      x = _pool(x)
+      self.sow('intermediates', f'pool{s}', x)
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = x.reshape((x.shape[0], -1))
+    x = nn.Dense(self.dense_features, use_bias=not self.batch_norm,
+                 dtype=self.dtype, name='dense1')(x)
+    x = nn.relu(self._norm(x, train, 'bn_dense1'))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name='logits')(x)
+    return x.astype(jnp.float32)
+
+
+def _widths(base: Sequence[int], multiplier: float) -> tuple[int, ...]:
+  return tuple(max(1, round(w * multiplier)) for w in base)
+
+
+def _simple_cnn(config: Config, num_classes: int, dtype: Any) -> nn.Module:
+  return SimpleCNN(num_classes=num_classes,
+                   features=_widths((32, 64, 64), config.width_multiplier),
+                   dense_features=config.dense_features or 64,
+                   conv_impl=config.conv_impl, dtype=dtype)
+
+
+def _deep_cnn(config: Config, num_classes: int, dtype: Any) -> nn.Module:
+  return DeepCNN(num_classes=num_classes,
+                 stage_features=_widths((32, 64), config.width_multiplier),
+                 dense_features=config.dense_features or 128,
+                 dropout_rate=config.dropout_rate,
+                 batch_norm=config.batch_norm,
+                 conv_impl=config.conv_impl, dtype=dtype)
+
+
+MODEL_REGISTRY: dict[str, Callable[[Config, int, Any], nn.Module]] = {
+    'simple_cnn': _simple_cnn,
+    'deep_cnn': _deep_cnn,
+}
+
+
+def create_model(config: Config, num_classes: int) -> nn.Module:
+  """Builds the registered model named by ``config.model``."""
+  if config.model not in MODEL_REGISTRY:
+    raise CnnJaxError(f'unknown --model={config.model!r}; choose one of: '
+                      f'{", ".join(MODEL_REGISTRY)}')
+  dtype = jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32
+  return MODEL_REGISTRY[config.model](config, num_classes, dtype)
+
+
+def init_variables(model: nn.Module, key: jax.Array,
+                   image_shape: Sequence[int]) -> dict[str, Any]:
+  """Initializes ``{'params': ..., ['batch_stats': ...]}`` for one image shape."""
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+  variables = jax.jit(lambda k: model.init({'params': k}, x, train=False))(key)
+  return dict(variables)
+
+
+def count_params(params: Any) -> int:
+  """Number of scalar parameters in a pytree."""
+  return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

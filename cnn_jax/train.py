@@ -1,0 +1,512 @@
+"""Training and evaluation: jitted steps over a device-resident dataset.
+
+`train_and_evaluate(config, workdir)` is the whole run: build data and model,
+resume from the latest checkpoint if there is one, run epochs of jitted
+chunks of steps (a `lax.scan` over batches gathered on device), validate each
+epoch, keep the best params by validation accuracy, and finally test them.
+
+Data parallelism uses `jax.jit` with shardings over a 1-D ``data`` mesh of all
+devices: batches are sharded on ``data``, params and optimizer state are
+replicated. On one CPU this is the same code with a mesh of one device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Iterator
+
+from absl import logging
+import flax.linen as nn
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+import optax
+
+from cnn_jax import augment, input_pipeline, models
+from cnn_jax.checkpointing import Checkpointer
+from cnn_jax.config import Config, CnnJaxError
+
+# Fields that may change between an interrupted run and its resumption.
+RESUMABLE_FIELDS = frozenset({'log_every_steps', 'tfds_data_dir', 'download',
+                              'checkpoint_every_steps', 'conv_impl'})
+
+
+class TrainState(train_state.TrainState):
+  """Params, optimizer state and BN statistics, plus the run's PRNG key.
+
+  Dropout and augmentation keys are `fold_in(key, step)`, so they depend only
+  on the seed and the step, also across a resume.
+  """
+
+  batch_stats: Any
+  key: jax.Array
+
+
+class Stop(Exception):
+  """Raised when SIGTERM/SIGINT asked training to stop after a checkpoint."""
+
+
+# Optimizer --------------------------------------------------------------------
+def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
+  """The learning-rate schedule named by ``config.lr_schedule``."""
+  lr, total = config.learning_rate, config.epochs * steps_per_epoch
+  warmup = int(config.warmup_epochs * steps_per_epoch)
+  if config.lr_schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total, 0.0)
+  if config.lr_schedule == 'onecycle':
+    pct = warmup / total if warmup else 0.25
+    return optax.cosine_onecycle_schedule(total, lr, pct_start=pct)
+  if config.lr_schedule == 'step':
+    main = optax.piecewise_constant_schedule(
+        lr, {int(total * 0.5): 0.1, int(total * 0.75): 0.1})
+  else:
+    main = optax.constant_schedule(lr)
+  if not warmup:
+    return main
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warmup),
+       lambda s: main(s + warmup)], [warmup])
+
+
+def _decay_mask(params: Any) -> Any:
+  """Weight decay on kernels only, not on biases or BN scales."""
+  return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config: Config, steps_per_epoch: int
+                   ) -> optax.GradientTransformation:
+  """The optax chain: [clip] -> [weight decay] -> optimizer(schedule)."""
+  lr = make_schedule(config, steps_per_epoch)
+  chain = []
+  if config.grad_clip_norm:
+    chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  if config.optimizer == 'adamw':
+    chain.append(optax.adamw(lr, weight_decay=config.weight_decay,
+                             mask=_decay_mask))
+  else:
+    if config.weight_decay:
+      chain.append(optax.add_decayed_weights(config.weight_decay, _decay_mask))
+    chain.append({
+        'adam': lambda: optax.adam(lr),
+        'sgd': lambda: optax.sgd(lr, momentum=config.momentum or None),
+        'nesterov': lambda: optax.sgd(lr, momentum=config.momentum,
+                                      nesterov=True),
+        'rmsprop': lambda: optax.rmsprop(lr, momentum=config.momentum),
+    }[config.optimizer]())
+  return optax.chain(*chain)
+
+
+def create_train_state(config: Config, model: nn.Module,
+                       image_shape: tuple[int, ...], steps_per_epoch: int
+                       ) -> TrainState:
+  """Initial state for ``config.seed`` (init key split from the run key)."""
+  init_key, run_key = jax.random.split(jax.random.PRNGKey(config.seed))
+  variables = models.init_variables(model, init_key, image_shape)
+  return TrainState.create(
+      apply_fn=model.apply, params=variables['params'],
+      batch_stats=variables.get('batch_stats', {}),
+      tx=make_optimizer(config, steps_per_epoch), key=run_key)
+
+
+def data_key(config: Config) -> jax.Array:
+  """The key of the data order; separate from init/dropout keys."""
+  return jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x0DA7A)
+
+
+def variables_of(state: TrainState) -> dict[str, Any]:
+  out = {'params': state.params}
+  if state.batch_stats:
+    out['batch_stats'] = state.batch_stats
+  return out
+
+
+# Steps -------------------------------------------------------------------------
+def loss_and_metrics(logits: jax.Array, labels: jax.Array, num_classes: int,
+                     label_smoothing: float = 0.0
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean categorical cross-entropy and the summable metrics of a batch."""
+  targets = input_pipeline.one_hot(labels, num_classes)
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  losses = optax.softmax_cross_entropy(logits, targets)
+  correct = jnp.argmax(logits, -1) == labels
+  metrics = {'loss_sum': losses.sum(), 'correct': correct.sum(),
+             'count': jnp.asarray(labels.shape[0])}
+  return losses.mean(), metrics
+
+
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
+               config: Config, num_classes: int
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a uint8 batch; pure, so it can be jitted/scanned."""
+  step_key = jax.random.fold_in(state.key, state.step)
+  aug_key, dropout_key = jax.random.split(step_key)
+  x = input_pipeline.normalize(images)
+  if config.augment:
+    x = augment.random_affine(aug_key, x, config.aug_max_shift,
+                              config.aug_max_rotation, config.aug_max_scale)
+
+  def loss_fn(params):
+    variables = {'params': params}
+    if state.batch_stats:
+      variables['batch_stats'] = state.batch_stats
+    logits, updates = state.apply_fn(
+        variables, x, train=True, rngs={'dropout': dropout_key},
+        mutable=['batch_stats'])
+    loss, metrics = loss_and_metrics(logits, labels, num_classes,
+                                     config.label_smoothing)
+    return loss, (metrics, updates)
+
+  grads, (metrics, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(
+      grads=grads, batch_stats=updates.get('batch_stats', state.batch_stats))
+  return state, metrics
+
+
+def _sum_tree(tree: Any) -> Any:
+  return jax.tree_util.tree_map(lambda a: a.sum(0), tree)
+
+
+class Trainer:
+  """Jitted, sharded train/eval functions for one model and config."""
+
+  def __init__(self, config: Config, model: nn.Module, num_classes: int,
+               mesh: Mesh | None = None):
+    self.config, self.model, self.num_classes = config, model, num_classes
+    self.mesh = mesh or Mesh(np.array(jax.devices()), ('data',))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P('data'))
+    self.index_sharding = NamedSharding(self.mesh, P(None, 'data'))
+    self.num_devices = self.mesh.devices.size
+    if config.batch_size % self.num_devices:
+      raise CnnJaxError(f'--batch_size={config.batch_size} must divide by the '
+                        f'number of devices ({self.num_devices})')
+    self.train_chunk = jax.jit(self._train_chunk, donate_argnums=(0,))
+    self._logits = jax.jit(self._logits_chunk,
+                           out_shardings=self.replicated)
+
+  def put(self, array: np.ndarray) -> jax.Array:
+    """Places a host array, identical on every process, replicated."""
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, self.replicated,
+                                        lambda idx: array[idx])
+
+  def _train_chunk(self, state: TrainState, images: jax.Array,
+                   labels: jax.Array, idx: jax.Array):
+    """Runs ``idx.shape[0]`` steps; batch ``i`` is ``images[idx[i]]``."""
+    def body(state, batch_idx):
+      batch_idx = jax.lax.with_sharding_constraint(batch_idx,
+                                                   self.batch_sharding)
+      return train_step(state, images[batch_idx], labels[batch_idx],
+                        self.config, self.num_classes)
+    state, metrics = jax.lax.scan(body, state, idx)
+    return state, _sum_tree(metrics)
+
+  def _logits_chunk(self, variables: Any, images: jax.Array, idx: jax.Array):
+    def body(_, batch_idx):
+      x = input_pipeline.normalize(images[batch_idx])
+      return None, self.model.apply(variables, x, train=False)
+    _, logits = jax.lax.scan(body, None, idx)
+    return logits.reshape(-1, logits.shape[-1])
+
+  def epoch_indices(self, key: jax.Array, epoch: int, num_examples: int
+                    ) -> jax.Array:
+    """[steps_per_epoch, batch] example indices of one epoch, sharded."""
+    bs = self.config.batch_size
+    steps = num_examples // bs
+    perm = jax.jit(
+        lambda k, e: input_pipeline.epoch_permutation(k, e, num_examples)
+        [:steps * bs].reshape(steps, bs),
+        out_shardings=self.index_sharding)(key, epoch)
+    return perm
+
+  def logits(self, variables: Any, images: jax.Array) -> jax.Array:
+    """Eval-mode logits of every image, in batches of ``eval_batch_size``."""
+    n = images.shape[0]
+    bs = _round_up(min(self.config.eval_batch_size, n), self.num_devices)
+    nb = -(-n // bs)
+    idx = np.minimum(np.arange(nb * bs), n - 1).reshape(nb, bs)
+    idx = jax.make_array_from_callback(idx.shape, self.index_sharding,
+                                       lambda i: idx[i])
+    return self._logits(variables, images, idx)[:n]
+
+  def evaluate(self, variables: Any, images: jax.Array, labels: jax.Array
+               ) -> dict[str, float]:
+    """Loss and accuracy of eval-mode predictions on a whole split."""
+    logits = self.logits(variables, images)
+    _, m = loss_and_metrics(logits, labels, self.num_classes)
+    m = jax.device_get(m)
+    return {'loss': float(m['loss_sum'] / m['count']),
+            'accuracy': float(m['correct'] / m['count'])}
+
+
+def _round_up(x: int, k: int) -> int:
+  return -(-x // k) * k
+
+
+def _chunk_size(steps_per_epoch: int, target: int) -> int:
+  """Largest divisor of the epoch length <= target: equal chunks, 1 compile."""
+  target = max(1, min(target, steps_per_epoch))
+  return max(d for d in range(1, target + 1) if steps_per_epoch % d == 0)
+
+
+# Run ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[dict[str, Any]]:
+  """Turns SIGTERM/SIGINT into a flag checked between chunks of steps."""
+  flag: dict[str, Any] = {'signal': None}
+  handled = (signal.SIGTERM, signal.SIGINT)
+  try:
+    previous = {s: signal.signal(s, lambda num, _: flag.update(signal=num))
+                for s in handled}
+  except ValueError:  # Not the main thread: no signal handling.
+    previous = {}
+  try:
+    yield flag
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+def _check_workdir(config: Config, workdir: str) -> None:
+  """Refuses to mix runs: a workdir's config must match on resume."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_test')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise CnnJaxError(f'--workdir={workdir} is not writable: '
+                      f'{e.strerror or e}') from e
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    new = json.loads(config.to_json())
+    diff = sorted(k for k in set(old) | set(new)
+                  if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k))
+    if diff:
+      shown = ', '.join(f'--{k}={old.get(k)!r}->{new.get(k)!r}'
+                        for k in diff[:4])
+      raise CnnJaxError(f'--workdir={workdir} holds a run with a different '
+                        f'config ({shown}); use a new --workdir to start '
+                        'another run')
+  with open(path, 'w') as f:
+    f.write(config.to_json())
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+class _Metrics:
+  """Per-epoch metrics to ``metrics.jsonl`` and TensorBoard (process 0)."""
+
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.tb = None
+    if self.enabled:
+      try:
+        from flax.metrics import tensorboard
+        self.tb = tensorboard.SummaryWriter(os.path.join(workdir, 'tb'))
+      except ImportError:  # TensorBoard summaries are optional.
+        self.tb = None
+
+  def write(self, row: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+    if self.tb:
+      for k, v in row.items():
+        if k not in ('epoch', 'step') and isinstance(v, (int, float)):
+          self.tb.scalar(k, v, row['step'])
+      self.tb.flush()
+
+
+def read_history(workdir: str) -> list[dict[str, Any]]:
+  """The per-epoch metric rows a run wrote (last row per epoch wins)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  rows: dict[int, dict[str, Any]] = {}
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        row = json.loads(line)
+        rows[row['epoch']] = row
+  return [rows[k] for k in sorted(rows)]
+
+
+def build(config: Config, info: input_pipeline.DatasetInfo
+          ) -> tuple[nn.Module, Trainer]:
+  model = models.create_model(config, info.num_classes)
+  return model, Trainer(config, model, info.num_classes)
+
+
+def load_best(config: Config, workdir: str,
+              info: input_pipeline.DatasetInfo
+              ) -> tuple[nn.Module, Trainer, dict[str, Any], dict[str, Any]]:
+  """(model, trainer, best variables, their metadata) from a workdir."""
+  model, trainer = build(config, info)
+  target = models.init_variables(model, jax.random.PRNGKey(0),
+                                 info.image_shape)
+  ckpt = Checkpointer(workdir, read_only=True)
+  variables, meta = ckpt.restore_best(target)
+  return model, trainer, variables, meta
+
+
+def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
+  """Trains, checkpoints and tests one run; returns ``results.json``'s dict.
+
+  Re-running with the same workdir resumes from the latest checkpoint and
+  reproduces the uninterrupted run.
+  """
+  _check_workdir(config, workdir)
+  data = input_pipeline.load(config)
+  info = data.info
+  model, trainer = build(config, info)
+  n_train = len(data.train)
+  steps_per_epoch = n_train // config.batch_size
+  if steps_per_epoch == 0:
+    raise CnnJaxError(f'--batch_size={config.batch_size} is larger than the '
+                      f'{n_train} training examples')
+  total_steps = config.epochs * steps_per_epoch
+  chunk = _chunk_size(steps_per_epoch, config.log_every_steps)
+  if config.checkpoint_every_steps:
+    chunk = math.gcd(chunk, config.checkpoint_every_steps)
+
+  state = create_train_state(config, model, info.image_shape, steps_per_epoch)
+  num_params = models.count_params(state.params)
+  ckpt = Checkpointer(workdir)
+  meta: dict[str, Any] = {'best_val_accuracy': -1.0, 'best_epoch': -1,
+                          'train_seconds': 0.0, 'sums': None}
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    state, meta = restored
+    logging.info('Resuming from step %d in %s', int(state.step), workdir)
+  state = jax.device_put(state, trainer.replicated)
+
+  images, labels = trainer.put(data.train.images), trainer.put(data.train.labels)
+  val_images, val_labels = trainer.put(data.val.images), trainer.put(data.val.labels)
+  metrics_out = _Metrics(workdir)
+  dkey = data_key(config)
+  logging.info('%s on %s: %d params, %d train / %d val / %d test, %d steps '
+               '(%d per epoch), %d device(s) [%s]', config.model, info.name,
+               num_params, n_train, len(data.val), len(data.test), total_steps,
+               steps_per_epoch, trainer.num_devices, jax.default_backend())
+
+  def save_latest(step: int, sums: Any) -> None:
+    meta['sums'] = None if sums is None else {
+        k: float(v) for k, v in jax.device_get(sums).items()}
+    ckpt.save_latest(step, state, meta)
+
+  step = int(state.step)
+  with _stop_on_signals() as stop:
+    while step < total_steps:
+      epoch, offset = divmod(step, steps_per_epoch)
+      t_epoch = time.perf_counter()
+      idx = trainer.epoch_indices(dkey, epoch, n_train)
+      sums = meta.get('sums') if offset else None
+      sums = None if sums is None else {k: jnp.asarray(v)
+                                        for k, v in sums.items()}
+      for start in range(offset, steps_per_epoch, chunk):
+        t0 = time.perf_counter()
+        state, m = trainer.train_chunk(state, images, labels,
+                                       idx[start:start + chunk])
+        loss_sum = float(m['loss_sum'])  # One host sync per chunk.
+        dt = time.perf_counter() - t0
+        meta['train_seconds'] += dt
+        step += chunk
+        if not math.isfinite(loss_sum):
+          raise CnnJaxError(
+              f'loss became {loss_sum} at step {step} (epoch {epoch + 1}); '
+              'training stopped and the last good checkpoints are kept in '
+              f'{ckpt.root}; try a lower --learning_rate or --grad_clip_norm')
+        sums = m if sums is None else jax.tree_util.tree_map(
+            jnp.add, sums, m)
+        if jax.process_index() == 0:
+          logging.info('epoch %d/%d step %d/%d  loss %.4f  acc %.2f%%  '
+                       '%.0f img/s', epoch + 1, config.epochs, step,
+                       total_steps, loss_sum / float(m['count']),
+                       100 * float(m['correct']) / float(m['count']),
+                       chunk * config.batch_size / dt)
+        if stop['signal'] is not None:
+          save_latest(step, sums)
+          raise Stop(f'stopped by signal {stop["signal"]} at step {step}; '
+                     'latest state saved, re-run the same command to resume')
+        if (config.checkpoint_every_steps and start + chunk < steps_per_epoch
+            and step % config.checkpoint_every_steps == 0):
+          save_latest(step, sums)
+
+      t0 = time.perf_counter()
+      val = trainer.evaluate(variables_of(state), val_images, val_labels)
+      meta['train_seconds'] += time.perf_counter() - t0
+      s = jax.device_get(sums)
+      row = {'epoch': epoch + 1, 'step': step,
+             'train_loss': float(s['loss_sum'] / s['count']),
+             'train_accuracy': float(s['correct'] / s['count']),
+             'val_loss': val['loss'], 'val_accuracy': val['accuracy'],
+             'learning_rate': float(make_schedule(config, steps_per_epoch)(
+                 step - 1)),
+             'epoch_seconds': time.perf_counter() - t_epoch}
+      logging.info('epoch %d: train loss %.4f acc %.2f%% | val loss %.4f acc '
+                   '%.2f%% | %.1fs', epoch + 1, row['train_loss'],
+                   100 * row['train_accuracy'], val['loss'],
+                   100 * val['accuracy'], row['epoch_seconds'])
+      metrics_out.write(row)
+      if val['accuracy'] > meta['best_val_accuracy']:
+        meta['best_val_accuracy'], meta['best_epoch'] = val['accuracy'], epoch + 1
+        ckpt.save_best(step, variables_of(state),
+                       {'epoch': epoch + 1, 'step': step, **val})
+      save_latest(step, None)
+
+  target = variables_of(state)
+  best, best_meta = ckpt.restore_best(target)
+  test = trainer.evaluate(best, trainer.put(data.test.images),
+                          trainer.put(data.test.labels))
+  results = {
+      'model': config.model, 'dataset': info.name,
+      'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
+      'best_val_accuracy': meta['best_val_accuracy'],
+      'best_epoch': best_meta['epoch'], 'epochs': config.epochs,
+      'steps': total_steps, 'num_params': num_params,
+      'train_seconds': meta['train_seconds'],
+      'train_img_per_s': total_steps * config.batch_size / max(
+          meta['train_seconds'], 1e-9),
+      'num_devices': trainer.num_devices, 'backend': jax.default_backend(),
+      'test_examples': len(data.test),
+  }
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, 'results.json'), results)
+  ckpt.close()
+  logging.info('test accuracy %.2f%% (loss %.4f) with the best params (epoch '
+               '%d, val acc %.2f%%); %.1fs of training', 100 * test['accuracy'],
+               test['loss'], best_meta['epoch'],
+               100 * meta['best_val_accuracy'], meta['train_seconds'])
+  return results
+
+
+def evaluate_workdir(workdir: str, config: Config) -> dict[str, Any]:
+  """Restores the best params of a finished/ongoing run and tests them."""
+  data = input_pipeline.load(config, splits=('test',))
+  _, trainer, variables, meta = load_best(config, workdir, data.info)
+  test = trainer.evaluate(variables, trainer.put(data.test.images),
+                          trainer.put(data.test.labels))
+  return {'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
+          'best_epoch': meta['epoch'], 'val_accuracy': meta['accuracy'],
+          'test_examples': len(data.test)}
+
+
