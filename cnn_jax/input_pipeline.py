@@ -57,6 +57,12 @@ def _online(host: str = 'storage.googleapis.com', timeout: float = 3.0) -> bool:
     return False
 
 
+def _mocked(builder) -> bool:
+  """True under `tfds.testing.mock_data`, which serves data without files."""
+  fn = getattr(builder.download_and_prepare, '__name__', '')
+  return fn.startswith('mock_')
+
+
 def get_builder(config: Config):
   """Returns a prepared TFDS builder, downloading only when it can succeed."""
   import tensorflow as tf  # Deferred: importing TF costs seconds.
@@ -70,7 +76,7 @@ def get_builder(config: Config):
   except Exception as e:  # DatasetNotFoundError and friends.
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise CnnJaxError(f'unknown --dataset={config.dataset!r}: {first}') from e
-  if not builder.is_prepared():
+  if not builder.is_prepared() and not _mocked(builder):
     if not config.download:
       raise CnnJaxError(f'dataset {config.dataset!r} is not prepared in {where} '
                         f'and --nodownload was given; {SHARED_HINT}')
