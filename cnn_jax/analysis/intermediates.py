@@ -1,0 +1,109 @@
+"""What the real model computes inside: feature maps, kernels, saliency.
+
+Feature maps come from Flax's ``capture_intermediates=True`` on the model's
+own ``apply`` (plus what the models `sow`), never from a re-implementation of
+the forward pass, so this works for every model in the registry: it keeps
+all 4-D ``(N, H, W, C)`` intermediates in call order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from flax import traverse_util
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureMap:
+  """One captured stage: its name (module path or sow name) and activations."""
+
+  name: str
+  value: np.ndarray  # float32 [N, H, W, C]
+
+
+def _capture_raw(model: nn.Module, variables: Any, x: jax.Array
+                 ) -> list[tuple[str, jax.Array]]:
+  """All intermediates of one eval-mode call, in call order, named."""
+  _, state = model.apply(variables, x, train=False,
+                         capture_intermediates=True,
+                         mutable=['intermediates'])
+  out = []
+  for path, values in traverse_util.flatten_dict(
+      state['intermediates']).items():
+    name = '/'.join(str(p) for p in path if p != '__call__') or 'output'
+    for i, v in enumerate(values):
+      out.append((name if len(values) == 1 else f'{name}#{i}', v))
+  return out
+
+
+def capture(model: nn.Module, variables: Any, x: jax.Array
+            ) -> list[FeatureMap]:
+  """Every 4-D intermediate of ``model.apply(variables, x, train=False)``.
+
+  Stages whose output equals the previous stage's exactly (identity modules
+  such as dropout in eval mode) are dropped, as they repeat a map.
+  """
+  maps: list[FeatureMap] = []
+  for name, v in _capture_raw(model, variables, x):
+    if v.ndim != 4:
+      continue
+    v = np.asarray(v, np.float32)
+    if maps and maps[-1].value.shape == v.shape and np.array_equal(
+        maps[-1].value, v):
+      continue
+    maps.append(FeatureMap(name, v))
+  return maps
+
+
+def channel_maxima(model: nn.Module, variables: Any, images: np.ndarray,
+                   layer: str, batch_size: int) -> np.ndarray:
+  """``[N, C]``: each image's spatial maximum of each channel of ``layer``.
+
+  ``images`` are uint8 NHWC; ``layer`` is a name returned by `capture`.
+  """
+  from cnn_jax import input_pipeline
+
+  @jax.jit
+  def maxima(batch: jax.Array) -> jax.Array:
+    x = input_pipeline.normalize(batch)
+    found = dict(_capture_raw(model, variables, x))
+    return found[layer].astype(jnp.float32).max(axis=(1, 2))
+
+  out = [np.asarray(maxima(images[i:i + batch_size]))
+         for i in range(0, len(images), batch_size)]
+  return np.concatenate(out)
+
+
+def conv_kernels(params: Any, order: list[str]) -> list[tuple[str, np.ndarray]]:
+  """``(module path, HWIO kernel)`` of every 4-D kernel, in call order.
+
+  ``order`` is a list of stage names in call order (from `capture`); kernels
+  of modules absent from it come last, in parameter-tree order.
+  """
+  rank = {name: i for i, name in enumerate(order)}
+  found = [('/'.join(path[:-1]), np.asarray(v, np.float32))
+           for path, v in traverse_util.flatten_dict(params).items()
+           if path[-1] == 'kernel' and np.ndim(v) == 4]
+  return sorted(found, key=lambda kv: rank.get(kv[0], len(rank)))
+
+
+def saliency(model: nn.Module, variables: Any, x: jax.Array,
+             classes: np.ndarray) -> np.ndarray:
+  """``[N, H, W]``: |d logit[class] / d input|, max over input channels.
+
+  In eval mode examples do not interact, so the gradient of the summed
+  chosen logits gives every example's own input gradient.
+  """
+  classes = jnp.asarray(classes)
+
+  def chosen_logits(inputs: jax.Array) -> jax.Array:
+    logits = model.apply(variables, inputs, train=False)
+    return jnp.take_along_axis(logits, classes[:, None], axis=1).sum()
+
+  grads = jax.jit(jax.grad(chosen_logits))(x.astype(jnp.float32))
+  return np.asarray(jnp.abs(grads).max(axis=-1), np.float32)

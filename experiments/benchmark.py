@@ -1,0 +1,507 @@
+r"""Training and evaluation speed of cnn_jax against Keras 3 and PyTorch.
+
+For each model the same architecture, optimizer (Adam, same learning rate)
+and batch size are built in each framework, on the same synthetic uint8
+MNIST-shaped data held in memory. Ours is timed over the library's own jitted
+multi-step `Trainer.train_chunk` (a `lax.scan` of `--steps` steps); Keras over
+`train_on_batch` (its TensorFlow backend, default settings, so no XLA on
+CPU), PyTorch over a plain eager loop. The frameworks take turns within each
+repeat, so load from other processes hits them alike; medians are reported.
+
+  python experiments/benchmark.py                       # both models, table
+  python experiments/benchmark.py --json --models=simple_cnn --repeats=5
+  python experiments/benchmark.py --conv_impl=xla --peers=
+  python experiments/benchmark.py --host_devices=2 --single_thread
+  python experiments/benchmark.py --whole_run --tfds_data_dir=DIR  # 1 epoch
+
+Figures per framework: ``train_img_per_s`` (steady state), ``eval_img_per_s``
+(batches of 1000, inference mode), ``compile_seconds`` (first training call
+minus a steady one: tracing + compilation for JAX, graph tracing for Keras,
+~0 for eager PyTorch), ``peak_rss_mb`` (process peak RSS when its warm-up
+ended: exact for ours, which is set up first; the peers' include what was
+loaded before them) and ``rss_growth_mb`` (resident memory its import, model
+and warm-up added).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('models', ['simple_cnn', 'deep_cnn'], 'Models to time.')
+flags.DEFINE_integer('batch_size', 128, 'Training batch size (all frameworks).')
+flags.DEFINE_integer('steps', 20, 'Training steps per timed chunk.')
+flags.DEFINE_integer('warmup', 1, 'Untimed chunks after the compiling one.')
+flags.DEFINE_integer('repeats', 3, 'Timed chunks; the median is reported.')
+flags.DEFINE_integer('eval_examples', 4000, 'Images per timed evaluation.')
+flags.DEFINE_integer('eval_batch_size', 1000, 'Evaluation batch size.')
+flags.DEFINE_float('learning_rate', 1e-3, 'Adam learning rate.')
+flags.DEFINE_list('peers', ['keras', 'torch'],
+                  'Other frameworks to time (keras, torch); ones that are not '
+                  'installed are skipped.')
+flags.DEFINE_enum('conv_impl', 'auto', ['xla', 'im2col', 'shifted', 'auto'],
+                  'cnn_jax convolution implementation.')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                  'cnn_jax compute dtype.')
+flags.DEFINE_integer('host_devices', 0, 'If > 0, split the CPU into this many '
+                     'XLA host devices (data parallel over the Trainer mesh).')
+flags.DEFINE_bool('single_thread', False, 'XLA:CPU without its multi-threaded '
+                  'Eigen (--xla_cpu_multi_thread_eigen=false).')
+flags.DEFINE_string('xla_flags', '', 'Extra XLA_FLAGS for cnn_jax.')
+flags.DEFINE_bool('tiny', False, 'A few steps on small batches (for tests).')
+flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
+flags.DEFINE_bool('whole_run', False, 'Instead: time one whole epoch of '
+                  'SimpleCNN on real MNIST, input loading included, with '
+                  'train_and_evaluate and with the Keras tutorial recipe.')
+flags.DEFINE_string('tfds_data_dir', '', 'TFDS data dir for --whole_run '
+                    '(default: $TFDS_DATA_DIR or ../shared/tensorflow_datasets).')
+
+IMAGE_SHAPE = (28, 28, 1)
+NUM_CLASSES = 10
+
+
+# Helpers ----------------------------------------------------------------------
+def peak_rss_mb() -> float:
+  """Peak resident set size of this process so far (Linux: KiB units)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+  """Current resident set size, from /proc (falls back to the peak)."""
+  try:
+    with open('/proc/self/statm') as f:
+      return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+  except OSError:
+    return peak_rss_mb()
+
+
+def timed(fn: Callable[[], Any]) -> float:
+  """Seconds one call of ``fn`` takes (``fn`` must block until done)."""
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def synthetic_data(n: int, seed: int = 0) -> tuple[Any, Any]:
+  """Random uint8 images and int32 labels of MNIST's shapes."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (n, *IMAGE_SHAPE), dtype=np.uint8)
+  labels = rng.integers(0, NUM_CLASSES, (n,), dtype=np.int32)
+  return images, labels
+
+
+def settings() -> dict[str, Any]:
+  """The run's effective settings (after --tiny)."""
+  s = dict(models=list(FLAGS.models), batch_size=FLAGS.batch_size,
+           steps=FLAGS.steps, warmup=FLAGS.warmup, repeats=FLAGS.repeats,
+           eval_examples=FLAGS.eval_examples,
+           eval_batch_size=FLAGS.eval_batch_size,
+           learning_rate=FLAGS.learning_rate, conv_impl=FLAGS.conv_impl,
+           dtype=FLAGS.dtype, peers=[p for p in FLAGS.peers if p])
+  if FLAGS.tiny:
+    s.update(batch_size=8, steps=2, warmup=0, repeats=1, eval_examples=32,
+             eval_batch_size=16)
+  return s
+
+
+# Runners: setup() once, then train() runs `steps` steps, evaluate() one pass.
+class JaxRunner:
+  """cnn_jax's own Trainer: jitted `train_chunk` and `logits`."""
+
+  name = 'cnn_jax'
+
+  def __init__(self, model_name: str, s: dict[str, Any], data: tuple):
+    import jax
+    from cnn_jax import config as config_lib, models, train
+    self.jax = jax
+    self.config = config_lib.Config(
+        model=model_name, batch_size=s['batch_size'], optimizer='adam',
+        learning_rate=s['learning_rate'], conv_impl=s['conv_impl'],
+        dtype=s['dtype'], eval_batch_size=s['eval_batch_size'])
+    self.model = models.create_model(self.config, NUM_CLASSES)
+    self.trainer = train.Trainer(self.config, self.model, NUM_CLASSES)
+    state = train.create_train_state(self.config, self.model, IMAGE_SHAPE,
+                                     s['steps'])
+    self.state = jax.device_put(state, self.trainer.replicated)
+    images, labels, eval_images = data
+    self.images = self.trainer.put(images)
+    self.labels = self.trainer.put(labels)
+    self.eval_images = self.trainer.put(eval_images)
+    self.idx = self.trainer.epoch_indices(train.data_key(self.config), 0,
+                                          len(labels))
+    self.variables_of = train.variables_of
+    self.num_params = models.count_params(self.state.params)
+
+  def train(self) -> None:
+    self.state, metrics = self.trainer.train_chunk(
+        self.state, self.images, self.labels, self.idx)
+    loss = float(metrics['loss_sum'])  # Blocks, as training does per chunk.
+    if not math.isfinite(loss):
+      raise FloatingPointError(f'{self.name}: loss {loss}')
+
+  def evaluate(self) -> None:
+    logits = self.trainer.logits(self.variables_of(self.state),
+                                 self.eval_images)
+    self.jax.block_until_ready(logits)
+
+  def extra(self) -> dict[str, Any]:
+    jax = self.jax
+    out: dict[str, Any] = {
+        'backend': jax.default_backend(), 'num_devices': jax.device_count(),
+        'conv_impl': self.config.conv_impl, 'dtype': self.config.dtype,
+        'num_params': self.num_params,
+        'xla_flags': os.environ.get('XLA_FLAGS', '')}
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if 'peak_bytes_in_use' in stats:
+      out['device_peak_mb'] = stats['peak_bytes_in_use'] / 2**20
+    return out
+
+
+def keras_model(model_name: str, rescale: bool = True):
+  """SimpleCNN / DeepCNN as a Keras 3 Sequential (same layers as ours).
+
+  With ``rescale`` it takes uint8 pixels and scales them to [0, 1] itself.
+  """
+  import keras
+  from keras import layers
+  seq: list[Any] = [keras.Input(IMAGE_SHAPE)]
+  if rescale:
+    seq.append(layers.Rescaling(1 / 255))
+  if model_name == 'simple_cnn':
+    seq += [layers.Conv2D(32, 3, activation='relu'), layers.MaxPooling2D(2),
+            layers.Conv2D(64, 3, activation='relu'), layers.MaxPooling2D(2),
+            layers.Conv2D(64, 3, activation='relu'), layers.Flatten(),
+            layers.Dense(64, activation='relu'), layers.Dense(NUM_CLASSES)]
+  else:
+    bn = lambda: layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+    for features in (32, 64):
+      for _ in range(2):
+        seq += [layers.Conv2D(features, 3, use_bias=False), bn(),
+                layers.ReLU()]
+      seq += [layers.MaxPooling2D(2), layers.Dropout(0.25)]
+    seq += [layers.Flatten(), layers.Dense(128, use_bias=False), bn(),
+            layers.ReLU(), layers.Dropout(0.25), layers.Dense(NUM_CLASSES)]
+  return keras.Sequential(seq, name=model_name)
+
+
+class KerasRunner:
+  """Keras 3 (TensorFlow backend): `train_on_batch` / `predict_on_batch`."""
+
+  name = 'keras'
+
+  def __init__(self, model_name: str, s: dict[str, Any], data: tuple):
+    os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    tf.config.set_visible_devices([], 'GPU')
+    self.model = keras_model(model_name)
+    self.model.compile(
+        optimizer=keras.optimizers.Adam(s['learning_rate']),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=['accuracy'])
+    images, labels, eval_images = data
+    bs, steps = s['batch_size'], s['steps']
+    perm = np.random.default_rng(1).permutation(len(labels))[:steps * bs]
+    self.batches = [(tf.constant(images[b]), tf.constant(labels[b]))
+                    for b in perm.reshape(steps, bs)]
+    ebs = s['eval_batch_size']
+    self.eval_batches = [tf.constant(eval_images[i:i + ebs])
+                         for i in range(0, len(eval_images), ebs)]
+    self.num_params = self.model.count_params()
+
+  def train(self) -> None:
+    for x, y in self.batches:
+      loss = self.model.train_on_batch(x, y, return_dict=True)['loss']
+    if not math.isfinite(float(loss)):
+      raise FloatingPointError(f'{self.name}: loss {loss}')
+
+  def evaluate(self) -> None:
+    for x in self.eval_batches:
+      self.model.predict_on_batch(x)
+
+  def extra(self) -> dict[str, Any]:
+    import keras
+    return {'version': keras.__version__, 'backend': keras.backend.backend(),
+            'num_params': self.num_params}
+
+
+def torch_model(model_name: str):
+  """SimpleCNN / DeepCNN as a torch.nn.Sequential (NCHW, same layers)."""
+  from torch import nn
+  if model_name == 'simple_cnn':
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Flatten(),
+        nn.Linear(64 * 3 * 3, 64), nn.ReLU(), nn.Linear(64, NUM_CLASSES))
+  mods: list[Any] = []
+  cin, size = 1, IMAGE_SHAPE[0]
+  for features in (32, 64):
+    for _ in range(2):
+      mods += [nn.Conv2d(cin, features, 3, bias=False),
+               nn.BatchNorm2d(features, eps=1e-5, momentum=0.1), nn.ReLU()]
+      cin, size = features, size - 2
+    mods += [nn.MaxPool2d(2), nn.Dropout(0.25)]
+    size //= 2
+  mods += [nn.Flatten(), nn.Linear(cin * size * size, 128, bias=False),
+           nn.BatchNorm1d(128, eps=1e-5, momentum=0.1), nn.ReLU(),
+           nn.Dropout(0.25), nn.Linear(128, NUM_CLASSES)]
+  return nn.Sequential(*mods)
+
+
+class TorchRunner:
+  """PyTorch eager CPU: the usual zero_grad/backward/step loop."""
+
+  name = 'torch'
+
+  def __init__(self, model_name: str, s: dict[str, Any], data: tuple):
+    import numpy as np
+    import torch
+    self.torch = torch
+    torch.manual_seed(0)
+    self.model = torch_model(model_name)
+    self.opt = torch.optim.Adam(self.model.parameters(), lr=s['learning_rate'])
+    self.loss_fn = torch.nn.CrossEntropyLoss()
+    images, labels, eval_images = data
+    nchw = lambda a: torch.from_numpy(np.ascontiguousarray(
+        a.transpose(0, 3, 1, 2)))
+    self.images, self.labels = nchw(images), torch.from_numpy(labels).long()
+    self.eval_images = nchw(eval_images)
+    bs, steps = s['batch_size'], s['steps']
+    perm = np.random.default_rng(1).permutation(len(labels))[:steps * bs]
+    self.idx = torch.from_numpy(perm.reshape(steps, bs))
+    self.ebs = s['eval_batch_size']
+    self.num_params = sum(p.numel() for p in self.model.parameters())
+
+  def train(self) -> None:
+    self.model.train()
+    for b in self.idx:
+      x = self.images[b].float().div_(255)
+      loss = self.loss_fn(self.model(x), self.labels[b])
+      self.opt.zero_grad(set_to_none=True)
+      loss.backward()
+      self.opt.step()
+    if not math.isfinite(loss.item()):
+      raise FloatingPointError(f'{self.name}: loss {loss.item()}')
+
+  def evaluate(self) -> None:
+    self.model.eval()
+    with self.torch.inference_mode():
+      for i in range(0, len(self.eval_images), self.ebs):
+        self.model(self.eval_images[i:i + self.ebs].float().div_(255))
+
+  def extra(self) -> dict[str, Any]:
+    return {'version': self.torch.__version__,
+            'threads': self.torch.get_num_threads(),
+            'num_params': self.num_params}
+
+
+RUNNERS = {'keras': KerasRunner, 'torch': TorchRunner}
+
+
+def installed(peer: str) -> bool:
+  import importlib.util
+  module = {'keras': 'keras', 'torch': 'torch'}[peer]
+  return importlib.util.find_spec(module) is not None
+
+
+# Benchmark --------------------------------------------------------------------
+def setup(cls: type, model_name: str, s: dict[str, Any], data: tuple
+          ) -> tuple[Any, dict[str, Any]]:
+  """Builds a runner, runs its first (compiling) and warm-up chunks."""
+  rss0 = current_rss_mb()
+  runner = cls(model_name, s, data)
+  first = timed(runner.train)
+  for _ in range(s['warmup']):
+    runner.train()
+  first_eval = timed(runner.evaluate)
+  return runner, {'first_train_seconds': first,
+                  'first_eval_seconds': first_eval,
+                  'peak_rss_mb': peak_rss_mb(),
+                  'rss_growth_mb': current_rss_mb() - rss0}
+
+
+def benchmark(s: dict[str, Any]) -> dict[str, Any]:
+  """Sets every (framework, model) up, then times them in turns."""
+  n = s['steps'] * s['batch_size']
+  images, labels = synthetic_data(n)
+  eval_images, _ = synthetic_data(s['eval_examples'], seed=1)
+  data = (images, labels, eval_images)
+  peers = [p for p in s['peers'] if installed(p)]
+  # Ours first, for all models, so its peak RSS holds no other framework.
+  classes = [JaxRunner] + [RUNNERS[p] for p in peers]
+  runners: dict[str, dict[str, tuple[Any, dict]]] = {}
+  for cls in classes:
+    for model_name in s['models']:
+      runners.setdefault(model_name, {})[cls.name] = setup(
+          cls, model_name, s, data)
+
+  results: dict[str, Any] = {}
+  for model_name, by_framework in runners.items():
+    train_t: dict[str, list[float]] = {k: [] for k in by_framework}
+    eval_t: dict[str, list[float]] = {k: [] for k in by_framework}
+    for _ in range(s['repeats']):
+      for name, (runner, _) in by_framework.items():
+        train_t[name].append(timed(runner.train))
+      for name, (runner, _) in by_framework.items():
+        eval_t[name].append(timed(runner.evaluate))
+    figures = {}
+    for name, (runner, info) in by_framework.items():
+      t_train = statistics.median(train_t[name])
+      t_eval = statistics.median(eval_t[name])
+      figures[name] = {
+          'train_img_per_s': n / t_train,
+          'eval_img_per_s': s['eval_examples'] / t_eval,
+          'compile_seconds': max(0.0, info['first_train_seconds'] - t_train),
+          'peak_rss_mb': info['peak_rss_mb'],
+          'rss_growth_mb': info['rss_growth_mb'],
+          'train_seconds_per_chunk': train_t[name],
+          **runner.extra()}
+    ours = figures.pop('cnn_jax')
+    for peer, fig in figures.items():
+      ours[peer] = fig
+      ours[f'ratio_vs_{peer}'] = (ours['train_img_per_s']
+                                  / fig['train_img_per_s'])
+      ours[f'eval_ratio_vs_{peer}'] = (ours['eval_img_per_s']
+                                       / fig['eval_img_per_s'])
+    results[model_name] = ours
+  results['settings'] = {**s, 'peers_run': peers,
+                         'peers_skipped': [p for p in s['peers']
+                                           if p not in peers],
+                         'cpu_count': os.cpu_count()}
+  return results
+
+
+# Whole run: one real epoch, input loading included -----------------------------
+def default_data_dir() -> str:
+  here = os.path.dirname(os.path.abspath(__file__))
+  for d in (FLAGS.tfds_data_dir, os.environ.get('TFDS_DATA_DIR', ''),
+            os.path.join(here, '..', '..', 'shared', 'tensorflow_datasets')):
+    if d and os.path.isdir(os.path.join(d, 'mnist')):
+      return os.path.abspath(d)
+  raise SystemExit('error: --whole_run needs prepared MNIST: pass '
+                   '--tfds_data_dir')
+
+
+def whole_run(s: dict[str, Any]) -> dict[str, Any]:
+  """One epoch of SimpleCNN on real MNIST: ours vs the Keras recipe."""
+  data_dir = default_data_dir()
+  out: dict[str, Any] = {}
+  from cnn_jax import config as config_lib, train
+  config = config_lib.Config(
+      model='simple_cnn', epochs=1, batch_size=s['batch_size'],
+      learning_rate=s['learning_rate'], conv_impl=s['conv_impl'],
+      dtype=s['dtype'], tfds_data_dir=data_dir, download=False)
+  with tempfile.TemporaryDirectory() as workdir:
+    t0 = time.perf_counter()
+    res = train.train_and_evaluate(config, workdir)
+    wall = time.perf_counter() - t0
+    epoch = train.read_history(workdir)[0]
+  out['cnn_jax'] = {'wall_seconds': wall,
+                    'epoch_seconds': epoch['epoch_seconds'],
+                    'train_img_per_s': res['train_img_per_s'],
+                    'test_accuracy': res['test_accuracy']}
+  if 'keras' in s['peers'] and installed('keras'):
+    out['keras'] = keras_recipe(data_dir, config.val_examples, s)
+    out['wall_ratio_vs_keras'] = wall / out['keras']['wall_seconds']
+  return {'whole_run': out, 'settings': s}
+
+
+def keras_recipe(data_dir: str, val_examples: int, s: dict[str, Any]
+                 ) -> dict[str, Any]:
+  """The Keras MNIST convnet recipe: load, fit 1 epoch with val, test."""
+  import keras
+  import numpy as np
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  tf.config.set_visible_devices([], 'GPU')
+
+  class EpochTime(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+      self.t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+      self.seconds = time.perf_counter() - self.t0
+
+  t0 = time.perf_counter()
+  (x, y), (x_test, y_test) = tfds.as_numpy(tfds.load(
+      'mnist', split=['train', 'test'], batch_size=-1, as_supervised=True,
+      data_dir=data_dir, download=False))
+  x, x_test = x.astype('float32') / 255, x_test.astype('float32') / 255
+  n = len(x) - val_examples
+  model = keras_model('simple_cnn', rescale=False)
+  model.compile(optimizer=keras.optimizers.Adam(s['learning_rate']),
+                loss=keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True), metrics=['accuracy'])
+  timer = EpochTime()
+  model.fit(x[:n], y[:n], batch_size=s['batch_size'], epochs=1, verbose=0,
+            validation_data=(x[n:], y[n:]), callbacks=[timer])
+  _, test_acc = model.evaluate(x_test, y_test, batch_size=1000, verbose=0)
+  wall = time.perf_counter() - t0
+  return {'wall_seconds': wall, 'epoch_seconds': timer.seconds,
+          'train_img_per_s': (n // s['batch_size']) * s['batch_size']
+                             / timer.seconds,
+          'test_accuracy': float(test_acc)}
+
+
+# Output -----------------------------------------------------------------------
+def table(results: dict[str, Any]) -> str:
+  if 'whole_run' in results:
+    w = results['whole_run']
+    return '\n'.join(f'{k:8s} ' + '  '.join(f'{m}={v:.4g}' for m, v in
+                                            w[k].items())
+                     for k in ('cnn_jax', 'keras') if k in w)
+  rows = [f'{"model":10s} {"framework":8s} {"train img/s":>11s} '
+          f'{"eval img/s":>10s} {"compile s":>9s} {"peak RSS MB":>11s} '
+          f'{"+RSS MB":>8s} {"ours/this":>9s}']
+  for model_name, fig in results.items():
+    if model_name == 'settings':
+      continue
+    for name, f in [('cnn_jax', fig)] + [(p, fig[p]) for p in ('keras', 'torch')
+                                          if p in fig]:
+      ratio = fig.get(f'ratio_vs_{name}', 1.0)
+      rows.append(f'{model_name:10s} {name:8s} {f["train_img_per_s"]:11.0f} '
+                  f'{f["eval_img_per_s"]:10.0f} {f["compile_seconds"]:9.2f} '
+                  f'{f["peak_rss_mb"]:11.0f} {f["rss_growth_mb"]:8.0f} '
+                  f'{ratio:9.2f}')
+  return '\n'.join(rows)
+
+
+def configure_xla() -> None:
+  """Sets XLA_FLAGS from the flags; must run before JAX is imported."""
+  extra = FLAGS.xla_flags.split()
+  if FLAGS.host_devices:
+    extra.append(
+        f'--xla_force_host_platform_device_count={FLAGS.host_devices}')
+  if FLAGS.single_thread:
+    extra.append('--xla_cpu_multi_thread_eigen=false')
+  if extra:
+    if 'jax' in sys.modules:
+      raise RuntimeError('XLA flags must be set before JAX is imported')
+    os.environ['XLA_FLAGS'] = ' '.join(
+        [os.environ.get('XLA_FLAGS', '')] + extra).strip()
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  configure_xla()
+  s = settings()
+  results = whole_run(s) if FLAGS.whole_run else benchmark(s)
+  print(json.dumps(results, indent=1) if FLAGS.json else table(results))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,126 @@
+"""Model shapes, parameter counts, train/eval behaviour and the registry."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnn_jax import models
+from cnn_jax.config import Config, CnnJaxError
+
+
+def _intermediates(model, variables, x):
+  _, state = model.apply(variables, x, train=False, capture_intermediates=True,
+                         mutable=['intermediates'])
+  out = {}
+  for name, value in state['intermediates'].items():
+    out[name] = value['__call__'][0] if isinstance(value, dict) else value[0]
+  return out
+
+
+def test_simple_cnn_has_exactly_93322_params_and_layer_shapes():
+  model = models.create_model(Config(model='simple_cnn'), 10)
+  variables = models.init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
+  assert set(variables) == {'params'}
+  assert models.count_params(variables['params']) == 93_322
+  shapes = jax.tree_util.tree_map(lambda a: a.shape, variables['params'])
+  assert shapes == {
+      'conv1': {'kernel': (3, 3, 1, 32), 'bias': (32,)},
+      'conv2': {'kernel': (3, 3, 32, 64), 'bias': (64,)},
+      'conv3': {'kernel': (3, 3, 64, 64), 'bias': (64,)},
+      'dense1': {'kernel': (576, 64), 'bias': (64,)},
+      'logits': {'kernel': (64, 10), 'bias': (10,)},
+  }
+  acts = _intermediates(model, variables, jnp.zeros((2, 28, 28, 1)))
+  expected = {'conv1': (2, 26, 26, 32), 'pool1': (2, 13, 13, 32),
+              'conv2': (2, 11, 11, 64), 'pool2': (2, 5, 5, 64),
+              'conv3': (2, 3, 3, 64), 'dense1': (2, 64), 'logits': (2, 10)}
+  for name, shape in expected.items():
+    assert acts[name].shape == shape, name
+
+
+def test_simple_cnn_params_match_a_plain_flax_reference():
+  """Same tree as a model written with nn.Conv: checkpoints are portable."""
+
+  class Reference(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for i, f in enumerate((32, 64, 64), 1):
+        x = nn.relu(nn.Conv(f, (3, 3), padding='VALID', name=f'conv{i}')(x))
+        if i < 3:
+          x = nn.max_pool(x, (2, 2), (2, 2))
+      x = nn.relu(nn.Dense(64, name='dense1')(x.reshape(x.shape[0], -1)))
+      return nn.Dense(10, name='logits')(x)
+
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
+  ref_vars = Reference().init(jax.random.PRNGKey(0), x)
+  for impl in ('xla', 'im2col', 'shifted'):
+    model = models.create_model(Config(conv_impl=impl), 10)
+    np.testing.assert_allclose(model.apply(ref_vars, x),
+                               Reference().apply(ref_vars, x),
+                               rtol=1e-4, atol=1e-5, err_msg=impl)
+
+
+def test_deep_cnn_batch_stats_update_only_in_train_mode():
+  model = models.create_model(Config(model='deep_cnn'), 10)
+  variables = models.init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
+  assert 'batch_stats' in variables
+  x = jax.random.uniform(jax.random.PRNGKey(1), (8, 28, 28, 1))
+  _, updated = model.apply(variables, x, train=True, mutable=['batch_stats'],
+                           rngs={'dropout': jax.random.PRNGKey(2)})
+  before = variables['batch_stats']['bn1_1']['mean']
+  assert not np.allclose(updated['batch_stats']['bn1_1']['mean'], before)
+  # Eval mode: no mutable collection is needed and nothing changes.
+  _, same = model.apply(variables, x, train=False, mutable=['batch_stats'])
+  np.testing.assert_array_equal(same['batch_stats']['bn1_1']['mean'], before)
+
+
+def test_deep_cnn_dropout_is_off_in_eval_and_on_in_train():
+  model = models.create_model(Config(model='deep_cnn', dropout_rate=0.5), 10)
+  variables = models.init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
+  e1 = model.apply(variables, x, train=False)
+  e2 = model.apply(variables, x, train=False)
+  np.testing.assert_array_equal(e1, e2)
+  t1, _ = model.apply(variables, x, train=True, mutable=['batch_stats'],
+                      rngs={'dropout': jax.random.PRNGKey(3)})
+  t2, _ = model.apply(variables, x, train=True, mutable=['batch_stats'],
+                      rngs={'dropout': jax.random.PRNGKey(4)})
+  assert not np.allclose(t1, t2)
+
+
+def test_deep_cnn_without_batch_norm_has_no_batch_stats():
+  config = Config(model='deep_cnn', batch_norm=False, dropout_rate=0.0)
+  model = models.create_model(config, 10)
+  variables = models.init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
+  assert set(variables) == {'params'}
+  assert model.apply(variables, jnp.ones((2, 28, 28, 1))).shape == (2, 10)
+
+
+@pytest.mark.parametrize('mult,expected', [(0.5, (16, 32, 32)), (2.0, (64, 128, 128))])
+def test_width_multiplier_scales_filters(mult, expected):
+  model = models.create_model(Config(width_multiplier=mult), 10)
+  variables = models.init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
+  got = tuple(variables['params'][f'conv{i}']['kernel'].shape[-1]
+              for i in (1, 2, 3))
+  assert got == expected
+
+
+def test_models_follow_dataset_shape_and_classes():
+  model = models.create_model(Config(model='simple_cnn'), 47)
+  variables = models.init_variables(model, jax.random.PRNGKey(0), (32, 32, 3))
+  assert model.apply(variables, jnp.ones((3, 32, 32, 3))).shape == (3, 47)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = models.create_model(Config(dtype='bfloat16'), 10)
+  variables = models.init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
+  assert all(p.dtype == jnp.float32
+             for p in jax.tree_util.tree_leaves(variables))
+  assert model.apply(variables, jnp.ones((2, 28, 28, 1))).dtype == jnp.float32
+
+
+def test_unknown_model_is_a_clear_error():
+  with pytest.raises(CnnJaxError, match='unknown --model'):
+    models.create_model(Config(model='resnet9000'), 10)
