@@ -20,6 +20,8 @@ from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 from cnn_jax.config import CnnJaxError
 
@@ -127,3 +129,15 @@ def initialize(coordinator_address: str | None = None,
 def is_primary() -> bool:
   """True on the process that writes shared outputs and logs (index 0)."""
   return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process if ``flag`` is True on any of them.
+
+  Decisions that change the sequence of collective calls (stopping on a
+  signal that reached one host first) must be taken by all processes alike,
+  or they deadlock. A no-op with one process.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(multihost_utils.process_allgather(np.asarray(flag)).any())

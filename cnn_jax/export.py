@@ -24,7 +24,6 @@ from typing import Any, Callable
 from absl import logging
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cnn_jax import input_pipeline, models, train
 from cnn_jax.config import Config, CnnJaxError
@@ -53,7 +52,6 @@ import pathlib
 import sys
 
 import jax
-import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 

@@ -238,12 +238,27 @@ def grayscale_info(config: Config) -> input_pipeline.DatasetInfo:
   return info
 
 
-def probabilities(trainer: Any, variables: Any, images: np.ndarray
-                  ) -> np.ndarray:
-  """Softmax class probabilities of uint8 NHWC images, one forward pass."""
-  import jax
-  logits = trainer.logits(variables, trainer.put(images))
-  return np.asarray(jax.device_get(jax.nn.softmax(logits, axis=-1)))
+@dataclasses.dataclass(frozen=True)
+class Classifier:
+  """A restored run's best params, ready to classify uint8 images."""
+
+  info: input_pipeline.DatasetInfo
+  trainer: Any
+  variables: Any
+
+  @classmethod
+  def restore(cls, config: Config, workdir: str) -> 'Classifier':
+    """Reads the dataset's metadata (not its data) and the best params."""
+    from cnn_jax import train  # Imports JAX.
+    info = grayscale_info(config)
+    _, trainer, variables, _ = train.load_best(config, workdir, info)
+    return cls(info, trainer, variables)
+
+  def probabilities(self, images: np.ndarray) -> np.ndarray:
+    """Softmax class probabilities of uint8 NHWC images, one forward pass."""
+    import jax
+    logits = self.trainer.logits(self.variables, self.trainer.put(images))
+    return np.asarray(jax.device_get(jax.nn.softmax(logits, axis=-1)))
 
 
 # Output --------------------------------------------------------------------
@@ -296,14 +311,16 @@ def save_figure(out_path: str, item: Item, probs: np.ndarray,
   for ax in axes[:2]:
     ax.set_xticks([])
     ax.set_yticks([])
-  colors = ['tab:orange' if i == pred else 'tab:blue' for i in range(len(probs))]
+  colors = ['tab:orange' if i == pred else 'tab:blue'
+            for i in range(len(probs))]
   axes[2].bar(range(len(probs)), probs, color=colors)
   axes[2].set_xticks(range(len(probs)), [str(c) for c in class_names],
                      rotation=45 if max(map(len, class_names)) > 2 else 0,
                      fontsize=8)
   axes[2].set_ylim(0, 1)
   axes[2].set_ylabel('probability')
-  axes[2].set_title(f'prediction: {class_names[pred]} ({100 * probs[pred]:.1f}%)')
+  axes[2].set_title(f'prediction: {class_names[pred]} '
+                    f'({100 * probs[pred]:.1f}%)')
   fig.suptitle(item.path, fontsize=9)
   fig.tight_layout()
   try:
@@ -316,27 +333,18 @@ def _print(obj: str, stream: TextIO) -> None:
   print(obj, file=stream, flush=True)
 
 
-def main(config: Config, workdir: str, paths: Sequence[str], top_k: int = 3,
-         as_json: bool = False, save_dir: str | None = None) -> int:
-  """Classifies `paths`; prints results; returns the process exit code."""
-  if not paths:
-    raise CnnJaxError('predict needs image files, directories or .npy files '
-                      'as arguments, e.g. --mode=predict --workdir=W digit.png')
-  if top_k < 1:
-    raise CnnJaxError(f'--top_k must be a positive integer, got {top_k}')
-  if save_dir:
-    try:
-      os.makedirs(save_dir, exist_ok=True)
-    except OSError as e:
-      raise CnnJaxError(f'cannot create --save_preprocessed={save_dir}: '
-                        f'{e.strerror or e}') from e
-  from cnn_jax import train  # Imports JAX; deferred past argument errors.
-  info = grayscale_info(config)
-  _, trainer, variables, _ = train.load_best(config, workdir, info)
+def classify_and_report(classifier: Classifier, paths: Sequence[str],
+                        top_k: int = 3, as_json: bool = False,
+                        save_dir: str | None = None) -> int:
+  """Classifies `paths`, prints one result per input; returns the exit code.
+
+  Results go to stdout in input order; in text mode errors go to stderr.
+  """
+  info = classifier.info
   items = load_inputs(paths, tuple(info.image_shape[:2]),
                       keep_original=bool(save_dir))
   good = [it for it in items if it.error is None]
-  probs = (probabilities(trainer, variables, np.stack([it.image for it in good]))
+  probs = (classifier.probabilities(np.stack([it.image for it in good]))
            if good else np.zeros((0, info.num_classes), np.float32))
   by_item = {id(it): p for it, p in zip(good, probs)}
   names = info.class_names
@@ -361,3 +369,26 @@ def main(config: Config, workdir: str, paths: Sequence[str], top_k: int = 3,
            sys.stderr)
     return EXIT_SOME_FAILED
   return 0
+
+
+def main(config: Config, workdir: str, paths: Sequence[str], top_k: int = 3,
+         as_json: bool = False, save_dir: str | None = None) -> int:
+  """The predict mode: restores `workdir`'s best params, classifies `paths`.
+
+  Returns the process exit code: 0 if every input was classified, 2 if some
+  could not be read. Raises CnnJaxError for bad arguments or a bad workdir.
+  """
+  if not paths:
+    raise CnnJaxError('predict needs image files, directories or .npy files '
+                      'as arguments, e.g. --mode=predict --workdir=W digit.png')
+  if top_k < 1:
+    raise CnnJaxError(f'--top_k must be a positive integer, got {top_k}')
+  if save_dir:
+    try:
+      os.makedirs(save_dir, exist_ok=True)
+    except OSError as e:
+      raise CnnJaxError(f'cannot create --save_preprocessed={save_dir}: '
+                        f'{e.strerror or e}') from e
+  classifier = Classifier.restore(config, workdir)
+  return classify_and_report(classifier, paths, top_k=top_k, as_json=as_json,
+                             save_dir=save_dir)

@@ -80,7 +80,7 @@ def _remove_background(gray: np.ndarray) -> np.ndarray:
 
 
 def _bounding_box(ink: np.ndarray) -> tuple[int, int, int, int]:
-  """(top, bottom, left, right), bottom/right exclusive, of pixels > threshold."""
+  """(top, bottom, left, right) of pixels above INK_THRESHOLD (exclusive ends)."""
   rows = np.flatnonzero((ink > INK_THRESHOLD).any(axis=1))
   cols = np.flatnonzero((ink > INK_THRESHOLD).any(axis=0))
   return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1

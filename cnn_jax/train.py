@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
 
-from cnn_jax import augment, input_pipeline, models
+from cnn_jax import augment, distributed, input_pipeline, models
 from cnn_jax.checkpointing import Checkpointer
 from cnn_jax.config import Config, CnnJaxError
 
@@ -188,7 +188,8 @@ class Trainer:
     if config.batch_size % self.num_devices:
       raise CnnJaxError(f'--batch_size={config.batch_size} must divide by the '
                         f'number of devices ({self.num_devices})')
-    self.train_chunk = jax.jit(self._train_chunk, donate_argnums=(0,))
+    self.train_chunk = jax.jit(self._train_chunk, donate_argnums=(0,),
+                               out_shardings=self.replicated)
     self._logits = jax.jit(self._logits_chunk,
                            out_shardings=self.replicated)
 
@@ -279,7 +280,7 @@ def _check_workdir(config: Config, workdir: str) -> None:
   """Refuses to mix runs: a workdir's config must match on resume."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_test')
+    probe = os.path.join(workdir, f'.write_test.{jax.process_index()}')
     with open(probe, 'w') as f:
       f.write('ok')
     os.remove(probe)
@@ -299,8 +300,8 @@ def _check_workdir(config: Config, workdir: str) -> None:
       raise CnnJaxError(f'--workdir={workdir} holds a run with a different '
                         f'config ({shown}); use a new --workdir to start '
                         'another run')
-  with open(path, 'w') as f:
-    f.write(config.to_json())
+  if jax.process_index() == 0:
+    _write_json(path, json.loads(config.to_json()))
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -393,11 +394,12 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   ckpt = Checkpointer(workdir)
   meta: dict[str, Any] = {'best_val_accuracy': -1.0, 'best_epoch': -1,
                           'train_seconds': 0.0, 'sums': None}
+  # Replicated before restoring, so Orbax restores onto the (multi-host) mesh.
+  state = jax.device_put(state, trainer.replicated)
   restored = ckpt.restore_latest(state)
   if restored is not None:
     state, meta = restored
     logging.info('Resuming from step %d in %s', int(state.step), workdir)
-  state = jax.device_put(state, trainer.replicated)
 
   images, labels = trainer.put(data.train.images), trainer.put(data.train.labels)
   val_images, val_labels = trainer.put(data.val.images), trainer.put(data.val.labels)
@@ -443,9 +445,10 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
                        total_steps, loss_sum / float(m['count']),
                        100 * float(m['correct']) / float(m['count']),
                        chunk * config.batch_size / dt)
-        if stop['signal'] is not None:
+        if distributed.any_process(stop['signal'] is not None):
           save_latest(step, sums)
-          raise Stop(f'stopped by signal {stop["signal"]} at step {step}; '
+          raise Stop(f'stopped by signal {stop["signal"] or "to another process"}'
+                     f' at step {step}; '
                      'latest state saved, re-run the same command to resume')
         if (config.checkpoint_every_steps and start + chunk < steps_per_epoch
             and step % config.checkpoint_every_steps == 0):

@@ -12,9 +12,11 @@ run), ``results.md`` (mean ± std over seeds per variant), ``accuracy.png``
 
 Options other than the ones below that name a `cnn_jax.main` flag
 (``--epochs=3``, ``--conv_impl=xla``, ``--flagfile=my.flags``) are base
-options given to every run, after the recipe and before the variant's own
-flags. Exit status: 0 when every run has a result, 1 when some failed,
-2 for bad arguments, 130 when interrupted.
+options given to every run. A run's flags, later ones winning: the recipe,
+the study's base, flagfile options, the --quick recipe, command-line
+options, the variant's overrides, the seed. Exit status: 0 when every run
+has a result, 1 when some failed, 2 for bad arguments, 130 when
+interrupted.
 """
 
 from __future__ import annotations
@@ -163,9 +165,7 @@ def to_argv(flags: Mapping[str, Any]) -> list[str]:
 def run_flags(study: Study, variant: Variant, seed: int, quick: bool,
               base_options: tuple[Mapping[str, Any], Mapping[str, Any]],
               data_dir: str) -> dict[str, Any]:
-  """A run's flags, later sources winning: recipe, study base, flagfile
-  options, the quick recipe (with --quick), command-line options, the
-  variant's overrides, the seed and the data dir."""
+  """A run's flags; later sources win (see the module docstring)."""
   from_files, explicit = base_options
   flags = dict(FULL_RECIPE)
   flags.update(study.base)

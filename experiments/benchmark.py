@@ -219,7 +219,8 @@ class KerasRunner:
     ebs = s['eval_batch_size']
     self.eval_batches = [tf.constant(eval_images[i:i + ebs])
                          for i in range(0, len(eval_images), ebs)]
-    self.num_params = self.model.count_params()
+    self.num_params = sum(math.prod(w.shape)
+                          for w in self.model.trainable_weights)
 
   def train(self) -> None:
     for x, y in self.batches:

@@ -57,10 +57,10 @@ def _env() -> dict[str, str]:
 
 def run_logged(cmd: Sequence[str], log_path: str | os.PathLike | None,
                keep: Callable[[str], bool] = lambda line: True) -> str:
-  """Runs `cmd` in the repository, echoing the lines `keep` accepts and
-  appending all of them to `log_path` (if given); returns the output.
+  """Runs `cmd` in the repository; returns its output.
 
-  Raises StepError with the last lines when it exits non-zero.
+  Echoes the lines `keep` accepts, appends all of them to `log_path` (if
+  given) and raises StepError with the last lines on a non-zero exit.
   """
   print('$ ' + shlex.join(cmd), flush=True)
   lines = []
@@ -106,8 +106,11 @@ def quick_flags() -> list[str]:
 
 
 def recipe(model: str) -> list[str]:
-  """A model's training recipe: ``experiments/configs/<model>.flags`` if it
-  exists, else the simple_cnn recipe with ``--model=<model>``."""
+  """Flags of a model's training recipe.
+
+  ``experiments/configs/<model>.flags`` if it exists, else the simple_cnn
+  recipe with ``--model=<model>``.
+  """
   own = CONFIGS / f'{model}.flags'
   if own.exists():
     return [f'--flagfile={own.relative_to(REPO)}']

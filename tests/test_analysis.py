@@ -25,6 +25,22 @@ MNIST_INFO = input_pipeline.DatasetInfo(
     image_shape=(28, 28, 1))
 
 
+@pytest.fixture(scope='module')
+def simple_model(trained_simple):
+  """(model, best variables) of the trained SimpleCNN."""
+  config, workdir = trained_simple
+  model, _, variables, _ = train.load_best(config, workdir, MNIST_INFO)
+  return model, variables
+
+
+@pytest.fixture(scope='module')
+def deep_model(trained_deep):
+  """(model, best variables) of the trained DeepCNN."""
+  config, workdir = trained_deep
+  model, _, variables, _ = train.load_best(config, workdir, MNIST_INFO)
+  return model, variables
+
+
 def _images(n: int, seed: int = 0) -> jax.Array:
   rng = np.random.default_rng(seed)
   return input_pipeline.normalize(
@@ -88,9 +104,8 @@ def test_softmax_cross_entropy_and_gallery_selection():
 
 
 # Captured intermediates of the real models -----------------------------------------
-def test_capture_simple_cnn_shapes_and_values(trained_simple):
-  config, workdir = trained_simple
-  model, _, variables, _ = train.load_best(config, workdir, MNIST_INFO)
+def test_capture_simple_cnn_shapes_and_values(simple_model):
+  model, variables = simple_model
   x = _images(3)
   maps = intermediates.capture(model, variables, x)
   shapes = {m.name: m.value.shape for m in maps}
@@ -119,9 +134,8 @@ def test_capture_simple_cnn_shapes_and_values(trained_simple):
       ('conv3', (3, 3, 64, 64))]
 
 
-def test_capture_deep_cnn_is_generic(trained_deep):
-  config, workdir = trained_deep
-  model, _, variables, _ = train.load_best(config, workdir, MNIST_INFO)
+def test_capture_deep_cnn_is_generic(deep_model):
+  model, variables = deep_model
   maps = intermediates.capture(model, variables, _images(2))
   shapes = {m.name: m.value.shape for m in maps}
   # width_multiplier=0.25: stages of 8 and 16 channels; eval-mode dropout is
@@ -139,17 +153,24 @@ def test_capture_deep_cnn_is_generic(trained_deep):
                                              'conv2_2']
 
 
-def test_saliency_is_each_examples_own_input_gradient(trained_deep):
-  config, workdir = trained_deep
-  model, _, variables, _ = train.load_best(config, workdir, MNIST_INFO)
+def test_saliency_is_each_examples_own_input_gradient(deep_model):
+  model, variables = deep_model
   x = _images(3, seed=1)
   classes = np.array([4, 0, 9])
   sal = intermediates.saliency(model, variables, x, classes)
   assert sal.shape == (3, 28, 28) and (sal >= 0).all() and sal.max() > 0
-  one = jax.grad(lambda xi: model.apply(variables, xi, train=False)[0, 0])(
-      x[1:2])
-  np.testing.assert_allclose(sal[1], np.abs(np.asarray(one))[0, ..., 0],
-                             rtol=1e-4, atol=1e-6)
+  # The eval-mode model is piecewise linear: a small step along example 1's
+  # signed gradient raises its class logit by eps * |grad|_1 and leaves the
+  # other examples' logits alone.
+  forward = jax.jit(lambda x: model.apply(variables, x, train=False))
+  grad = jax.grad(lambda xi: forward(xi)[0, 0])(x[1:2])[0]
+  np.testing.assert_allclose(sal[1], np.abs(np.asarray(grad))[..., 0],
+                             rtol=1e-4, atol=1e-7)
+  eps = 1e-3
+  step = jnp.zeros_like(x).at[1].set(eps * jnp.sign(grad))
+  delta = np.asarray(forward(x + step) - forward(x))
+  assert delta[1, 0] == pytest.approx(eps * sal[1].sum(), rel=0.05)
+  np.testing.assert_allclose(delta[[0, 2]], 0, atol=1e-6)
 
 
 # The whole report ------------------------------------------------------------------
@@ -170,8 +191,17 @@ def _check_pngs(out: str, names: list[str]) -> None:
 
 def test_analyze_simple_writes_a_consistent_report(trained_simple, mock_tfds):
   config, workdir = trained_simple
-  path = report.analyze(config, workdir, examples=(0, 3))
   out = os.path.join(workdir, 'analysis')
+  os.makedirs(out, exist_ok=True)
+  # Files a previous analysis listed are replaced; other files are kept.
+  for name in ('fmap_ex9_01_old.png', 'notes.txt'):
+    with open(os.path.join(out, name), 'w') as f:
+      f.write('x')
+  with open(os.path.join(out, 'summary.json'), 'w') as f:
+    json.dump({'files': ['fmap_ex9_01_old.png']}, f)
+  path = report.analyze(config, workdir, examples=(0, 3))
+  assert not os.path.exists(os.path.join(out, 'fmap_ex9_01_old.png'))
+  assert os.path.exists(os.path.join(out, 'notes.txt'))
   assert path == os.path.join(out, 'index.html')
   for name in EXPECTED:
     assert os.path.isfile(os.path.join(out, name)), name
@@ -229,9 +259,6 @@ def test_analyze_deep_cnn_draws_every_stage(trained_deep, mock_tfds):
   fmaps = sorted(f for f in summary['files'] if f.startswith('fmap_ex5_'))
   assert len(fmaps) == len(layers) + 1
   _check_pngs(out, fmaps + ['filters_deeper_norms.png'])
-  # A second analysis with other examples leaves no stale feature maps.
-  report.analyze(config, workdir, examples=[])
-  assert not [f for f in os.listdir(out) if f.startswith('fmap_')]
 
 
 def test_analyze_without_checkpoint_raises(tmp_path, mock_tfds):

@@ -111,8 +111,8 @@ def test_failed_step_raises_with_log_tail(tmp_path, capsys):
         [sys.executable, '-c', 'print("hidden"); print("last words"); '
          'raise SystemExit(3)'], log, keep=lambda line: 'last' in line)
   assert log.read_text() == 'hidden\nlast words\n'
-  out = capsys.readouterr().out
-  assert 'last words' in out and 'hidden' not in out
+  out = capsys.readouterr().out.splitlines()
+  assert out[0].startswith('$ ') and out[1:] == ['last words']
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Predicting on users' own files: reading, MNIST-style preprocessing, output."""
+"""Predicting on users' own files: MNIST-style preprocessing, output."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import zlib
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
 from cnn_jax import input_pipeline, predict, train
 from cnn_jax.config import Config, CnnJaxError
 from cnn_jax.preprocess_image import PreprocessError, mnist_style, to_unit_range
-from conftest import real_tfds_dir
+from conftest import MOCK_EXAMPLES, real_tfds_dir
 
 
 # Fixture images, drawn here rather than committed. ---------------------------
@@ -66,13 +67,12 @@ def real_mnist() -> np.ndarray:
   return input_pipeline.load(config, splits=('test',)).test.images[..., 0]
 
 
-@pytest.fixture
-def restored(trained_simple, mock_tfds):
-  """(config, workdir, info, trainer, variables) of the tiny trained run."""
+@pytest.fixture(scope='module')
+def classifier(trained_simple) -> predict.Classifier:
+  """The tiny trained run, restored once for this module."""
   config, workdir = trained_simple
-  info = predict.grayscale_info(config)
-  _, trainer, variables, _ = train.load_best(config, workdir, info)
-  return config, workdir, info, trainer, variables
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    return predict.Classifier.restore(config, workdir)
 
 
 # Preprocessing ------------------------------------------------------------
@@ -157,11 +157,10 @@ def test_real_mnist_images_pass_through_unchanged(real_mnist):
 
 
 def test_real_mnist_classified_the_same_after_preprocessing(real_mnist,
-                                                            restored):
-  _, _, _, trainer, variables = restored
+                                                            classifier):
   out = np.stack([mnist_style(im / 255.0) for im in real_mnist])
-  before = predict.probabilities(trainer, variables, real_mnist[..., None])
-  after = predict.probabilities(trainer, variables, out[..., None])
+  before = classifier.probabilities(real_mnist[..., None])
+  after = classifier.probabilities(out[..., None])
   assert np.abs(before - after).max() < 0.02
   assert np.mean(before.argmax(1) == after.argmax(1)) >= 0.95
 
@@ -259,8 +258,8 @@ def write_inputs(folder: pathlib.Path) -> list[str]:
                                     'batch.npy', 'empty.png', 'nothere.gif')]
 
 
-def test_predict_json(restored, tmp_path, capsys):
-  config, workdir, info, trainer, variables = restored
+def test_predict_json(trained_simple, classifier, mock_tfds, tmp_path, capsys):
+  config, workdir = trained_simple
   paths = write_inputs(tmp_path)
   code = predict.main(config, workdir, paths, as_json=True)
   out = capsys.readouterr().out
@@ -274,9 +273,10 @@ def test_predict_json(restored, tmp_path, capsys):
   assert set(bad) == {'garbage.png', 'empty.png', 'nothere.gif'}
   good = [r for r in records if 'error' not in r]
   # The same numbers as the model applied directly to the preprocessed input.
+  info, variables = classifier.info, classifier.variables
+  model, _ = train.build(config, info)
   items = predict.load_inputs(paths, (28, 28))
   images = np.stack([it.image for it in items if it.error is None])
-  model, _ = train.build(config, info)
   expected = np.asarray(jax.nn.softmax(model.apply(
       variables, images.astype(np.float32) / 255.0, train=False)))
   for record, p in zip(good, expected):
@@ -286,11 +286,9 @@ def test_predict_json(restored, tmp_path, capsys):
     assert record['label'] == info.class_names[record['prediction']]
 
 
-def test_predict_text_mode_reports_bad_files_on_stderr(restored, tmp_path,
-                                                       capsys):
-  config, workdir, *_ = restored
+def test_text_mode_reports_bad_files_on_stderr(classifier, tmp_path, capsys):
   paths = write_inputs(tmp_path)
-  code = predict.main(config, workdir, paths, top_k=2)
+  code = predict.classify_and_report(classifier, paths, top_k=2)
   captured = capsys.readouterr()
   assert code == predict.EXIT_SOME_FAILED
   lines = captured.out.splitlines()
@@ -304,13 +302,13 @@ def test_predict_text_mode_reports_bad_files_on_stderr(restored, tmp_path,
   assert 'Traceback' not in captured.err
 
 
-def test_predict_all_good_exits_zero_and_saves_figures(restored, tmp_path,
-                                                       capsys):
-  config, workdir, *_ = restored
+def test_all_good_exits_zero_and_saves_figures(classifier, tmp_path, capsys):
   paths = write_inputs(tmp_path)
   good = [paths[0], paths[2], paths[3]]
   figures = tmp_path / 'figures'
-  code = predict.main(config, workdir, good, top_k=99, save_dir=str(figures))
+  figures.mkdir()
+  code = predict.classify_and_report(classifier, good, top_k=99,
+                                     save_dir=str(figures))
   out = capsys.readouterr().out.splitlines()
   assert code == 0
   assert len(out) == 5 and all(line.count('%') == 10 for line in out)
@@ -322,9 +320,13 @@ def test_predict_all_good_exits_zero_and_saves_figures(restored, tmp_path,
     assert fig.size[0] > 500 and fig.size[1] > 200
 
 
-def test_predict_bad_arguments(trained_simple):
+def test_predict_bad_arguments(trained_simple, tmp_path):
   config, workdir = trained_simple
   with pytest.raises(CnnJaxError, match='needs image'):
     predict.main(config, workdir, [])
   with pytest.raises(CnnJaxError, match='top_k'):
     predict.main(config, workdir, ['x.png'], top_k=0)
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(CnnJaxError, match='save_preprocessed'):
+    predict.main(config, workdir, ['x.png'],
+                 save_dir=str(tmp_path / 'file' / 'sub'))

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnn_jax import input_pipeline
+
 
 @dataclasses.dataclass(frozen=True)
 class FeatureMap:
@@ -26,33 +28,46 @@ class FeatureMap:
   value: np.ndarray  # float32 [N, H, W, C]
 
 
-def _capture_raw(model: nn.Module, variables: Any, x: jax.Array
-                 ) -> list[tuple[str, jax.Array]]:
-  """All intermediates of one eval-mode call, in call order, named."""
-  _, state = model.apply(variables, x, train=False,
-                         capture_intermediates=True,
-                         mutable=['intermediates'])
+def _named(tree: Any) -> list[tuple[str, Any]]:
+  """Flattens an ``intermediates`` collection to (name, value), in order."""
   out = []
-  for path, values in traverse_util.flatten_dict(
-      state['intermediates']).items():
+  for path, values in traverse_util.flatten_dict(tree).items():
     name = '/'.join(str(p) for p in path if p != '__call__') or 'output'
     for i, v in enumerate(values):
       out.append((name if len(values) == 1 else f'{name}#{i}', v))
   return out
 
 
+def _capture_raw(model: nn.Module, variables: Any, x: jax.Array
+                 ) -> list[tuple[str, jax.Array]]:
+  """All intermediates of one eval-mode call, in call order, named."""
+  _, state = model.apply(variables, x, train=False,
+                         capture_intermediates=True,
+                         mutable=['intermediates'])
+  return _named(state['intermediates'])
+
+
 def capture(model: nn.Module, variables: Any, x: jax.Array
             ) -> list[FeatureMap]:
   """Every 4-D intermediate of ``model.apply(variables, x, train=False)``.
 
+  The call is jitted; names are read while tracing, since a jitted dict
+  output would come back with sorted keys rather than in call order.
   Stages whose output equals the previous stage's exactly (identity modules
   such as dropout in eval mode) are dropped, as they repeat a map.
   """
+  names: list[str] = []
+
+  def run(variables: Any, x: jax.Array) -> list[jax.Array]:
+    named = [(n, v) for n, v in _capture_raw(model, variables, x)
+             if v.ndim == 4]
+    names[:] = [n for n, _ in named]
+    return [v.astype(jnp.float32) for _, v in named]
+
+  values = jax.jit(run)(variables, x)
   maps: list[FeatureMap] = []
-  for name, v in _capture_raw(model, variables, x):
-    if v.ndim != 4:
-      continue
-    v = np.asarray(v, np.float32)
+  for name, v in zip(names, values):
+    v = np.asarray(v)
     if maps and maps[-1].value.shape == v.shape and np.array_equal(
         maps[-1].value, v):
       continue
@@ -66,17 +81,19 @@ def channel_maxima(model: nn.Module, variables: Any, images: np.ndarray,
 
   ``images`` are uint8 NHWC; ``layer`` is a name returned by `capture`.
   """
-  from cnn_jax import input_pipeline
-
   @jax.jit
-  def maxima(batch: jax.Array) -> jax.Array:
+  def maxima(variables: Any, batch: jax.Array) -> jax.Array:
     x = input_pipeline.normalize(batch)
     found = dict(_capture_raw(model, variables, x))
     return found[layer].astype(jnp.float32).max(axis=(1, 2))
 
-  out = [np.asarray(maxima(images[i:i + batch_size]))
-         for i in range(0, len(images), batch_size)]
-  return np.concatenate(out)
+  n = len(images)
+  batch_size = min(batch_size, n)
+  padded = np.concatenate(  # Whole batches: one compilation.
+      [images, images[:(-n) % batch_size]]) if n % batch_size else images
+  out = [np.asarray(maxima(variables, padded[i:i + batch_size]))
+         for i in range(0, len(padded), batch_size)]
+  return np.concatenate(out)[:n]
 
 
 def conv_kernels(params: Any, order: list[str]) -> list[tuple[str, np.ndarray]]:
@@ -101,9 +118,9 @@ def saliency(model: nn.Module, variables: Any, x: jax.Array,
   """
   classes = jnp.asarray(classes)
 
-  def chosen_logits(inputs: jax.Array) -> jax.Array:
+  def chosen_logits(inputs: jax.Array, variables: Any) -> jax.Array:
     logits = model.apply(variables, inputs, train=False)
     return jnp.take_along_axis(logits, classes[:, None], axis=1).sum()
 
-  grads = jax.jit(jax.grad(chosen_logits))(x.astype(jnp.float32))
+  grads = jax.jit(jax.grad(chosen_logits))(x.astype(jnp.float32), variables)
   return np.asarray(jnp.abs(grads).max(axis=-1), np.float32)

@@ -12,12 +12,15 @@ For each model and device count it writes ``DIR/<model>_<n>dev[_p<id>].npz``
 holding the final params (``params/...``), BN statistics
 (``batch_stats/...``), the per-step losses (``loss``) and eval-mode logits
 before and after training (``logits0``, ``logits``), all as seen by this
-process.
+process. With ``--coordinator_address`` it also writes ``DIR/process<i>.json``
+(process index/count, global device count, `distributed.any_process`
+results).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Any
@@ -126,13 +129,21 @@ def main(argv: list[str]) -> int:
   parser.add_argument('--process_id', type=int)
   args = parser.parse_args(argv)
   suffix = ''
+  os.makedirs(args.out, exist_ok=True)
   if args.coordinator_address:
     from cnn_jax import distributed
-    distributed.initialize(args.coordinator_address, args.num_processes,
-                           args.process_id, timeout_s=60)
-    suffix = f'_p{args.process_id}'
+    index = distributed.initialize(args.coordinator_address,
+                                   args.num_processes, args.process_id,
+                                   timeout_s=60)
+    suffix = f'_p{index}'
+    import jax
+    with open(os.path.join(args.out, f'process{index}.json'), 'w') as f:
+      json.dump({'process_index': jax.process_index(),
+                 'process_count': jax.process_count(),
+                 'device_count': jax.device_count(),
+                 'any_process_one_true': distributed.any_process(index == 1),
+                 'any_process_all_false': distributed.any_process(False)}, f)
   import jax
-  os.makedirs(args.out, exist_ok=True)
   for model_name in args.models.split(','):
     host_state = initial_state(model_name, args.dtype)
     for n in args.devices.split(','):

@@ -1,0 +1,60 @@
+"""`experiments/benchmark.py --tiny --json` runs and reports sane figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+FIGURES = ('train_img_per_s', 'eval_img_per_s', 'peak_rss_mb')
+PEERS = ('keras', 'torch')
+
+
+def _positive(value) -> bool:
+  return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope='module')
+def tiny_results() -> dict:
+  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', 'CUDA_VISIBLE_DEVICES': ''}
+  proc = subprocess.run(
+      [sys.executable, str(REPO / 'experiments' / 'benchmark.py'), '--tiny',
+       '--json'], capture_output=True, text=True, timeout=300, env=env,
+      cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout)
+
+
+@pytest.mark.slow
+def test_tiny_json_is_complete_and_positive(tiny_results):
+  settings = tiny_results['settings']
+  assert settings['batch_size'] == 8 and settings['steps'] == 2
+  installed = [p for p in PEERS
+               if importlib.util.find_spec(p) is not None]
+  assert sorted(settings['peers_run']) == sorted(installed)
+  for model in ('simple_cnn', 'deep_cnn'):
+    ours = tiny_results[model]
+    for key in FIGURES:
+      assert _positive(ours[key]), (model, key, ours[key])
+    assert ours['compile_seconds'] > 0  # JAX compiles on the first call.
+    for peer in PEERS:
+      if peer not in installed:
+        assert peer not in ours
+        continue
+      fig = ours[peer]
+      for key in FIGURES:
+        assert _positive(fig[key]), (model, peer, key, fig[key])
+      assert math.isfinite(fig['compile_seconds'])
+      assert fig['compile_seconds'] >= 0
+      assert ours[f'ratio_vs_{peer}'] == pytest.approx(
+          ours['train_img_per_s'] / fig['train_img_per_s'])
+      # The same architecture in every framework.
+      assert fig['num_params'] == ours['num_params']
+  assert tiny_results['simple_cnn']['num_params'] == 93_322
