@@ -45,11 +45,13 @@ class Checkpointer:
 
   def __init__(self, workdir: str, read_only: bool = False):
     self.root = os.path.join(workdir, 'checkpoints')
-    if read_only and not os.path.isdir(self.root):
-      self._latest = self._best = None
+    best = os.path.join(self.root, 'best')
+    if read_only:  # Eval/analysis/predict only ever read the best params.
+      self._latest = None
+      self._best = _manager(best, 1, True) if os.path.isdir(best) else None
       return
-    self._latest = _manager(os.path.join(self.root, 'latest'), 2, read_only)
-    self._best = _manager(os.path.join(self.root, 'best'), 1, read_only)
+    self._latest = _manager(os.path.join(self.root, 'latest'), 2)
+    self._best = _manager(best, 1)
 
   # Latest state -----------------------------------------------------------
   def latest_steps(self) -> list[int]:

@@ -16,6 +16,8 @@ Open MPI, Kubernetes). On CPU, cross-process collectives use Gloo over TCP.
 from __future__ import annotations
 
 import os
+import socket
+import time
 from typing import Any
 
 from absl import logging
@@ -78,6 +80,28 @@ def resolve(coordinator_address: str | None = None,
   return address, count, pid
 
 
+def wait_for_coordinator(address: str, timeout_s: float) -> None:
+  """Waits until ``address`` accepts TCP connections, else CnnJaxError.
+
+  JAX aborts the whole process (no Python exception) when its client cannot
+  register with the coordinator, so processes other than 0 check first.
+  """
+  host, _, port = address.rpartition(':')
+  host = host.strip('[]')
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      socket.create_connection((host, int(port)), timeout=2).close()
+      return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise CnnJaxError(
+            f'could not reach the coordinator at {address} within '
+            f'{timeout_s:g}s ({e.strerror or e}); start process 0 with the '
+            'same --coordinator_address, reachable from this host') from e
+      time.sleep(0.25)
+
+
 def _enable_cpu_collectives() -> None:
   """Gloo for cross-process collectives of the CPU backend, unless chosen.
 
@@ -97,11 +121,14 @@ def initialize(coordinator_address: str | None = None,
   """Joins the multi-process run; returns this process's index.
 
   Call once per process before any other JAX call. Processes other than 0
-  log at WARNING and above only, so progress is reported once. Extra
-  keyword arguments go to `jax.distributed.initialize`.
+  first wait up to ``timeout_s`` for the coordinator to listen, then log at
+  WARNING and above only, so progress is reported once. Extra keyword
+  arguments go to `jax.distributed.initialize`.
   """
   address, count, pid = resolve(coordinator_address, num_processes,
                                 process_id)
+  if address is not None and pid not in (None, 0):
+    wait_for_coordinator(address, timeout_s)
   _enable_cpu_collectives()
   try:
     jax.distributed.initialize(address, count, pid,

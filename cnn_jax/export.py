@@ -52,6 +52,7 @@ import pathlib
 import sys
 
 import jax
+import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging as std_logging
 import os
 import sys
 from typing import Any, Sequence
@@ -138,7 +139,7 @@ def run(argv: Sequence[str]) -> int:
 def _quiet_libraries() -> None:
   """Keeps INFO for our own progress lines; libraries speak at WARNING+."""
   def keep(record) -> bool:
-    return (record.levelno >= logging.WARNING
+    return (record.levelno >= std_logging.WARNING
             or os.sep + 'cnn_jax' + os.sep in record.pathname)
   logging.get_absl_handler().addFilter(keep)
 

@@ -83,7 +83,6 @@ class Outcome:
 
   run: Run
   error: str | None
-  seconds: float
 
 
 # Flags ------------------------------------------------------------------------
@@ -291,24 +290,28 @@ class Sweep:
     slot = self.slots.get()
     try:
       if self.stopping:
-        return Outcome(run, 'not started (interrupted)', 0.0)
+        return Outcome(run, 'not started (interrupted)')
       env = job_env(self.env, slot, self.gpus, self.jobs)
-      os.makedirs(run.workdir, exist_ok=True)
       log_path = os.path.join(run.workdir, 'log.txt')
       where = (f' on GPU {env["CUDA_VISIBLE_DEVICES"]}'
                if self.gpus and self.jobs > 1 else '')
       self.say(f'start {run.name}{where}')
       t0 = time.monotonic()
-      with open(log_path, 'a') as log:
-        log.write('$ ' + shlex.join(run.command()) + '\n')
-        log.flush()
-        proc = subprocess.Popen(run.command(), stdout=log,
-                                stderr=subprocess.STDOUT, env=env)
-        with self.lock:
-          self.procs.add(proc)
-        code = proc.wait()
-        with self.lock:
-          self.procs.discard(proc)
+      try:
+        os.makedirs(run.workdir, exist_ok=True)
+        with open(log_path, 'a') as log:
+          log.write('$ ' + shlex.join(run.command()) + '\n')
+          log.flush()
+          proc = subprocess.Popen(run.command(), stdout=log,
+                                  stderr=subprocess.STDOUT, env=env)
+          with self.lock:
+            self.procs.add(proc)
+          code = proc.wait()
+          with self.lock:
+            self.procs.discard(proc)
+      except OSError as e:
+        self.say(f'FAILED {run.name}: cannot start: {e}')
+        return Outcome(run, f'cannot start: {e}')
       seconds = time.monotonic() - t0
     finally:
       self.slots.put(slot)
@@ -316,10 +319,10 @@ class Sweep:
     if code == 0 and results is not None:
       self.say(f'done  {run.name}: test accuracy '
                f'{100 * results["test_accuracy"]:.2f}% ({seconds:.0f}s)')
-      return Outcome(run, None, seconds)
+      return Outcome(run, None)
     error = log_error(log_path, code)
     self.say(f'FAILED {run.name}: {error} (log: {log_path})')
-    return Outcome(run, error, seconds)
+    return Outcome(run, error)
 
   def interrupt(self) -> None:
     """Asks running children to checkpoint and stop; starts no more."""

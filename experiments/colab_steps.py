@@ -27,6 +27,7 @@ from ablation_studies import QUICK_RECIPE
 EXPERIMENTS = pathlib.Path(__file__).resolve().parent
 REPO = EXPERIMENTS.parent
 CONFIGS = EXPERIMENTS / 'configs'
+_ABSL_PREAMBLE = 'WARNING: All log messages before absl::InitializeLog()'
 _ABSL_LINE = re.compile(r'^([IWEF])\d{4} [\d:.]+\s+\d+ ([^:\s]+):\d+\] ')
 
 
@@ -43,6 +44,8 @@ def progress_filter() -> Callable[[str], bool]:
   own = _own_modules()
 
   def keep(line: str) -> bool:
+    if line.startswith(_ABSL_PREAMBLE):
+      return False
     m = _ABSL_LINE.match(line)
     return m is None or m.group(2) in own or m.group(1) in 'EF'
   return keep

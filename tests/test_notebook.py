@@ -101,6 +101,8 @@ def test_progress_filter_drops_library_info():
   assert not keep('I1125 17:59:25.341 1398 checkpoint_manager.py:20] saved\n')
   assert keep('E1125 17:59:25.341 1398 xla_bridge.py:20] TPU failed\n')
   assert keep('error: --workdir is required\n')
+  assert not keep('WARNING: All log messages before absl::InitializeLog() '
+                  'is called are written to STDERR\n')
   assert keep('{\n')
 
 
@@ -145,5 +147,7 @@ def test_notebook_runs_on_cpu_in_quick_mode(tmp_path, monkeypatch, capsys):
   assert [(r['variant'], r['status']) for r in rows] == [('width1', 'ok')]
   assert ns['index_html'] == str(tmp_path / 'simple_cnn' / 'analysis' /
                                  'index.html')
-  assert os.path.getsize(ns['index_html']) > 0
+  with open(ns['index_html']) as f:
+    page = colab_steps.inline_images(f.read(), os.path.dirname(ns['index_html']))
+  assert 'src="data:image/png;base64,' in page
   assert (REPO / 'runs').exists() == runs_before  # Nothing written there.

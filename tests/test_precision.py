@@ -66,6 +66,4 @@ def test_bf16_training_keeps_float32_state_and_lowers_the_loss(images):
   assert {leaf.dtype for leaf in floats} == {jnp.dtype(jnp.float32)}
   assert jax.tree_util.tree_leaves(state.batch_stats)
   assert all(np.isfinite(losses))
-  assert losses[-1] < 0.9 * losses[0], losses
-  assert np.mean(np.diff(losses) < 0) >= 0.8, losses
-  print(losses)
+  assert losses[-1] < 0.8 * losses[0], losses

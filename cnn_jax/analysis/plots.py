@@ -105,7 +105,7 @@ def history(rows: Sequence[dict[str, Any]], path: str) -> str:
   return _save(fig, path)
 
 
-# Data --------------------------------------------------------------------------
+# Data -------------------------------------------------------------------------
 def samples(images: np.ndarray, labels: np.ndarray,
             class_names: Sequence[str], path: str, title: str) -> str:
   """A grid of images titled with their index and label."""
@@ -131,7 +131,7 @@ def input_image(image: np.ndarray, title: str, path: str) -> str:
   return _save(fig, path)
 
 
-# Feature maps and filters ----------------------------------------------------------
+# Feature maps and filters -----------------------------------------------------
 def feature_map(fmap: np.ndarray, title: str, path: str) -> str:
   """All channels of one ``[H, W, C]`` activation, one tile per channel.
 
@@ -226,7 +226,7 @@ def top_activations(images: np.ndarray, maxima: np.ndarray, layer: str,
   return _save(fig, path)
 
 
-# Evaluation ----------------------------------------------------------------------
+# Evaluation -------------------------------------------------------------------
 def confusion(cm: np.ndarray, class_names: Sequence[str], path: str) -> str:
   """Confusion matrix as counts and row-normalized, with colour bars."""
   k = len(class_names)
@@ -280,6 +280,7 @@ def per_class(scores: metrics.PerClass, class_names: Sequence[str],
   shown = np.concatenate([scores.precision, scores.recall, scores.f1])
   lo = max(0.0, 10 * math.floor(10 * float(shown.min()) - 0.5))
   ax.set_ylim(lo, 105)
+  ax.set_yticks(np.arange(lo, 100.1, 10 if lo < 50 else 5))
   ax.set_xticks(x)
   ax.set_xticklabels(class_names, rotation=45 if k > 10 else 0)
   ax.set_xlabel('class')
@@ -306,7 +307,8 @@ def gallery(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
               (wrong, 'most confident mistakes', MISTAKE)]
   sections = [s for s in sections if len(s[0])]
   rows = [math.ceil(len(idx) / cols) for idx, _, _ in sections]
-  fig = Figure(figsize=(1.6 * cols, 2.0 * sum(rows) + 0.6 * len(sections)))
+  fig = Figure(figsize=(1.6 * cols, 2.0 * sum(rows) + 0.6 * len(sections)),
+               constrained_layout=True)
   subfigs = np.atleast_1d(fig.subfigures(len(sections), 1,
                                          height_ratios=rows or [1]))
   for sub, (idx, heading, color), nrows in zip(subfigs, sections, rows):

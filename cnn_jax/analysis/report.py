@@ -1,4 +1,4 @@
-"""`analyze`: the HTML report of a run's best checkpoint, from its workdir alone.
+"""`analyze`: an HTML report on a run's best checkpoint, from its workdir.
 
 It restores the best params (`train.load_best`), evaluates them on the test
 split, and writes under ``workdir/analysis/``: PNG figures (training history,
@@ -220,7 +220,7 @@ def _write_tables(rows: list[dict[str, Any]], cm: np.ndarray,
   files.add('tables', files.path('per_class.csv'))
 
 
-# HTML ----------------------------------------------------------------------------
+# HTML -------------------------------------------------------------------------
 _CSS = """
 body{font-family:sans-serif;margin:24px;max-width:1400px;color:#222}
 h1{margin-bottom:4px} h2{border-bottom:1px solid #ccc;padding-bottom:4px}
