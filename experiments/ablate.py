@@ -321,7 +321,8 @@ class Sweep:
                f'{100 * results["test_accuracy"]:.2f}% ({seconds:.0f}s)')
       return Outcome(run, None)
     error = log_error(log_path, code)
-    self.say(f'FAILED {run.name}: {error} (log: {log_path})')
+    self.say(f'{"STOPPED" if self.stopping else "FAILED"} {run.name}: '
+             f'{error} (log: {log_path})')
     return Outcome(run, error)
 
   def interrupt(self) -> None:
