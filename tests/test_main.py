@@ -60,7 +60,7 @@ def test_every_flag_has_help_text():
   for name in ('model', 'dataset', 'tfds_data_dir', 'val_examples',
                'optimizer', 'lr_schedule', 'label_smoothing', 'augment',
                'mode', 'workdir'):
-    assert f'--{name}' in text
+    assert f'--{name}' in text or f'--[no]{name}' in text, name
   for flag in flags.FLAGS.get_key_flags_for_module(cli):
     assert flag.help, flag.name
 
