@@ -64,7 +64,8 @@ def resolve(coordinator_address: str | None = None,
   Values still None are left to JAX's cluster detection. Raises CnnJaxError
   on malformed or inconsistent values.
   """
-  address = coordinator_address or os.environ.get(ENV_ADDRESS, '').strip() or None
+  address = (coordinator_address or os.environ.get(ENV_ADDRESS, '').strip()
+             or None)
   count = num_processes if num_processes is not None else _env_int(
       ENV_NUM_PROCESSES)
   pid = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
@@ -106,10 +107,9 @@ def _enable_cpu_collectives() -> None:
   """Gloo for cross-process collectives of the CPU backend, unless chosen.
 
   The option only concerns CPU clients, so it is harmless on GPU/TPU hosts;
-  an explicit choice ($JAX_CPU_COLLECTIVES_IMPLEMENTATION, e.g. mpi) wins.
+  a choice already made (``$JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi``) stays.
+  Without it, CPU processes could not run the trainer's cross-process psums.
   """
-  if os.environ.get('JAX_CPU_COLLECTIVES_IMPLEMENTATION'):
-    return
   if jax.config.jax_cpu_collectives_implementation in (None, 'none'):
     jax.config.update('jax_cpu_collectives_implementation', CPU_COLLECTIVES)
 
@@ -151,11 +151,6 @@ def initialize(coordinator_address: str | None = None,
                '[%s]', index, jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())
   return index
-
-
-def is_primary() -> bool:
-  """True on the process that writes shared outputs and logs (index 0)."""
-  return jax.process_index() == 0
 
 
 def any_process(flag: bool) -> bool:

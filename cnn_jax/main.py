@@ -36,9 +36,10 @@ _MODE = flags.DEFINE_string('mode', 'train', f'One of: {", ".join(MODES)}.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: config, '
                                'checkpoints, metrics, results, analysis.')
 _HOST_DEVICES = flags.DEFINE_integer(
-    'host_devices', 1, 'CPU only: split the host into this many XLA devices '
-    '(one thread each) for data-parallel training; 0 = one per CPU core. '
-    'Ignored when XLA_FLAGS already sets a device count or on GPU/TPU.')
+    'host_devices', 0, 'CPU only: split the host into this many XLA devices '
+    '(one thread each) for data-parallel training; 0 = as many as CPU cores '
+    '(the largest count <= cores that divides --batch_size). Ignored when '
+    'XLA_FLAGS already sets a device count, and on GPU/TPU.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() first (multi-host;'
     ' address/count/id from the flags below or the environment).')
@@ -99,11 +100,18 @@ def _print_json(obj: Any) -> None:
   print(json.dumps(obj, indent=2, sort_keys=True))
 
 
-def _set_host_devices(count: int) -> None:
-  """Asks XLA:CPU for `count` host devices; must run before JAX starts."""
+def _set_host_devices(count: int, batch_size: int) -> None:
+  """Asks XLA:CPU for `count` host devices; must run before JAX starts.
+
+  XLA:CPU runs each device's kernels on one thread here (see
+  `cnn_jax/__init__.py`), so data parallelism over host devices is how a run
+  uses every core.
+  """
   if count < 0:
     raise CnnJaxError(f'--host_devices must be >= 0, got {count}')
-  count = count or os.cpu_count() or 1
+  if not count:
+    cores = os.cpu_count() or 1
+    count = max(d for d in range(1, cores + 1) if batch_size % d == 0)
   xla_flags = os.environ.get('XLA_FLAGS', '')
   if count > 1 and 'xla_force_host_platform_device_count' not in xla_flags:
     os.environ['XLA_FLAGS'] = (
@@ -120,7 +128,7 @@ def run(argv: Sequence[str]) -> int:
     raise CnnJaxError('--workdir is required')
   if mode != 'predict' and len(argv) > 1:
     raise CnnJaxError(f'unexpected arguments: {" ".join(argv[1:])}')
-  _set_host_devices(_HOST_DEVICES.value)
+  _set_host_devices(_HOST_DEVICES.value, max(FLAGS.batch_size, 1))
   if _DISTRIBUTED.value:
     from cnn_jax import distributed
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,

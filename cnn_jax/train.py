@@ -447,8 +447,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
                        chunk * config.batch_size / dt)
         if distributed.any_process(stop['signal'] is not None):
           save_latest(step, sums)
-          raise Stop(f'stopped by signal {stop["signal"] or "to another process"}'
-                     f' at step {step}; '
+          by = stop['signal'] or 'to another process'
+          raise Stop(f'stopped by signal {by} at step {step}; '
                      'latest state saved, re-run the same command to resume')
         if (config.checkpoint_every_steps and start + chunk < steps_per_epoch
             and step % config.checkpoint_every_steps == 0):

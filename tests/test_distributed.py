@@ -7,11 +7,8 @@ subprocess has a timeout, so a hang fails instead of blocking CI.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -21,69 +18,17 @@ import pytest
 from cnn_jax import distributed
 from cnn_jax.config import CnnJaxError, Config
 from conftest import real_tfds_dir
-
-HELPERS = pathlib.Path(__file__).resolve().parent / 'helpers'
-REPO = HELPERS.parents[1]
-TIMEOUT_S = 420
-CLUSTER_ENV_PREFIXES = ('JAX_', 'SLURM_', 'OMPI_', 'PMI_', 'TPU_',
-                        'KUBERNETES_', 'MEGASCALE_', 'CLOUD_TPU')
-
-
-def free_port() -> int:
-  with contextlib.closing(socket.socket()) as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def process_env() -> dict[str, str]:
-  """One CPU device per process; no cluster variables JAX might pick up."""
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(CLUSTER_ENV_PREFIXES)}
-  env['XLA_FLAGS'] = ' '.join(
-      f for f in env.get('XLA_FLAGS', '').split()
-      if 'xla_force_host_platform_device_count' not in f)
-  env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
-             PYTHONPATH=os.pathsep.join(
-                 [str(REPO), env.get('PYTHONPATH', '')]).rstrip(os.pathsep))
-  return env
+from helpers.procs import HELPERS, REPO, free_port, jax_env, run_together
 
 
 def run_processes(argvs: list[list[str]], logdir: pathlib.Path,
-                  timeout: float = TIMEOUT_S) -> list[tuple[int, str]]:
-  """Runs the commands at once; (exit code, output) of each, in order.
-
-  On timeout all of them are killed and the test fails with their output.
-  """
-  logdir.mkdir(parents=True, exist_ok=True)
-  procs, logs = [], []
-  try:
-    for i, argv in enumerate(argvs):
-      log = open(logdir / f'proc{i}.log', 'w+')
-      logs.append(log)
-      procs.append(subprocess.Popen([sys.executable, *argv], cwd=REPO,
-                                    env=process_env(), stdout=log,
-                                    stderr=subprocess.STDOUT, text=True))
-    codes = []
-    for p in procs:
-      try:
-        codes.append(p.wait(timeout=timeout))
-      except subprocess.TimeoutExpired:
-        codes.append(None)
-        timeout = 1  # The others had as long; do not wait again.
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-    outputs = []
-    for log in logs:
-      log.seek(0)
-      outputs.append(log.read())
-      log.close()
-  if None in codes:
-    tails = '\n---\n'.join(o[-2000:] for o in outputs)
-    pytest.fail(f'processes timed out after {TIMEOUT_S}s:\n{tails}')
-  return list(zip(codes, outputs))
+                  devices_per_process: int = 1) -> list[tuple[int, str]]:
+  """`run_together` on CPU devices; a hang fails the test."""
+  results = run_together(argvs, jax_env(devices_per_process), logdir)
+  if any(code is None for code, _ in results):
+    tails = '\n---\n'.join(out[-2000:] for _, out in results)
+    pytest.fail(f'processes timed out:\n{tails}')
+  return results
 
 
 def _assert_ok(results: list[tuple[int, str]]) -> None:
@@ -148,7 +93,7 @@ def test_any_process_is_the_identity_with_one_process():
 def test_main_without_coordinator_is_a_one_line_error(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'cnn_jax.main', '--distributed',
-       f'--workdir={tmp_path}'], cwd=REPO, env=process_env(),
+       f'--workdir={tmp_path}'], cwd=REPO, env=jax_env(1),
       capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1, proc.stderr[-2000:]
   last = proc.stderr.strip().splitlines()[-1]
@@ -159,7 +104,10 @@ def test_main_without_coordinator_is_a_one_line_error(tmp_path):
 
 # Two processes --------------------------------------------------------------
 def test_two_processes_train_like_one(tmp_path):
-  """Both processes end with the same params as one process on 1 device."""
+  """2 processes x 2 CPU devices end with the params of 1 process, 1 device.
+
+  The global batch is split 4 ways, across processes and within each.
+  """
   port = free_port()
   helper = str(HELPERS / 'train_steps.py')
   argvs = [[helper, f'--out={tmp_path}', '--devices=all',
@@ -167,15 +115,15 @@ def test_two_processes_train_like_one(tmp_path):
             f'--process_id={i}'] for i in range(2)]
   # The one-process reference runs alongside (it is not part of the group).
   argvs.append([helper, f'--out={tmp_path}', '--devices=1'])
-  _assert_ok(run_processes(argvs, tmp_path / 'logs'))
+  _assert_ok(run_processes(argvs, tmp_path / 'logs', devices_per_process=2))
 
   for i in range(2):
     info = json.loads((tmp_path / f'process{i}.json').read_text())
     assert info == {'process_index': i, 'process_count': 2,
-                    'device_count': 2, 'any_process_one_true': True,
+                    'device_count': 4, 'any_process_one_true': True,
                     'any_process_all_false': False}
   p0, p1, ref = (dict(np.load(tmp_path / name)) for name in (
-      'simple_cnn_2dev_p0.npz', 'simple_cnn_2dev_p1.npz',
+      'simple_cnn_4dev_p0.npz', 'simple_cnn_4dev_p1.npz',
       'simple_cnn_1dev.npz'))
   assert sorted(p0) == sorted(p1) == sorted(ref)
   assert np.ptp(ref['loss']) > 1e-3  # It did train.
@@ -204,8 +152,8 @@ def test_two_process_train_and_evaluate_on_mnist(tmp_path):
   decoder = json.JSONDecoder()
   printed = [decoder.raw_decode(out, out.index('{\n'))[0]
              for _, out in results]
-  for r in printed:
-    r.pop('train_seconds'), r.pop('train_img_per_s')
+  for r in printed:  # Timings differ; everything else must not.
+    del r['train_seconds'], r['train_img_per_s']
   assert printed[0] == printed[1]
   assert printed[0]['num_devices'] == 2 and printed[0]['steps'] == 8
   # Progress is logged by process 0 only.

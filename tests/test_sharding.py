@@ -9,39 +9,15 @@ of all 8 (`tests/helpers/train_steps.py`) and saves both results.
 
 from __future__ import annotations
 
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-HELPERS = pathlib.Path(__file__).resolve().parent / 'helpers'
-REPO = HELPERS.parents[1]
+from helpers.procs import HELPERS, jax_env, run_python
+
 NUM_DEVICES = 8
 RTOL, ATOL = 1e-4, 1e-5
-TIMEOUT_S = 420  # A hang fails the test instead of blocking CI.
-
-
-def host_devices_env(n: int) -> dict[str, str]:
-  """The environment of a CPU-only JAX subprocess with ``n`` devices."""
-  env = dict(os.environ)
-  flags = env.get('XLA_FLAGS', '').replace(
-      '--xla_force_host_platform_device_count', '--ignored_device_count')
-  env['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={n}'
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['TF_CPP_MIN_LOG_LEVEL'] = '2'
-  env['PYTHONPATH'] = os.pathsep.join(
-      [str(REPO), env.get('PYTHONPATH', '')]).rstrip(os.pathsep)
-  return env
-
-
-def run_python(args: list[str], env: dict[str, str], timeout: float = TIMEOUT_S
-               ) -> subprocess.CompletedProcess:
-  proc = subprocess.run([sys.executable, *args], env=env, cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout)
-  return proc
 
 
 @pytest.fixture(scope='module')
@@ -51,7 +27,7 @@ def runs(tmp_path_factory) -> pathlib.Path:
   proc = run_python([str(HELPERS / 'train_steps.py'), f'--out={out}',
                      '--models=simple_cnn,deep_cnn',
                      f'--devices=1,{NUM_DEVICES}'],
-                    host_devices_env(NUM_DEVICES))
+                    jax_env(NUM_DEVICES))
   assert proc.returncode == 0, proc.stderr[-3000:]
   return out
 
@@ -112,7 +88,7 @@ def test_batch_size_must_divide_by_device_count():
       '  train.Trainer(config, models.create_model(config, 10), 10)\n'
       'except CnnJaxError as e:\n'
       '  print(f"{jax.device_count()}|{e}")\n')
-  proc = run_python(['-c', script], host_devices_env(NUM_DEVICES), 120)
+  proc = run_python(['-c', script], jax_env(NUM_DEVICES), 120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   count, message = proc.stdout.strip().split('|', 1)
   assert count == str(NUM_DEVICES)
