@@ -128,7 +128,11 @@ def run(argv: Sequence[str]) -> int:
     raise CnnJaxError('--workdir is required')
   if mode != 'predict' and len(argv) > 1:
     raise CnnJaxError(f'unexpected arguments: {" ".join(argv[1:])}')
-  _set_host_devices(_HOST_DEVICES.value, max(FLAGS.batch_size, 1))
+  # Multi-host runs get their parallelism from the processes: one device
+  # each unless --host_devices says otherwise.
+  _set_host_devices(
+      1 if _DISTRIBUTED.value and not FLAGS['host_devices'].present
+      else _HOST_DEVICES.value, max(FLAGS.batch_size, 1))
   if _DISTRIBUTED.value:
     from cnn_jax import distributed
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,

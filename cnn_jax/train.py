@@ -362,8 +362,9 @@ def load_best(config: Config, workdir: str,
               ) -> tuple[nn.Module, Trainer, dict[str, Any], dict[str, Any]]:
   """(model, trainer, best variables, their metadata) from a workdir."""
   model, trainer = build(config, info)
-  target = models.init_variables(model, jax.random.PRNGKey(0),
-                                 info.image_shape)
+  target = jax.device_put(
+      models.init_variables(model, jax.random.PRNGKey(0), info.image_shape),
+      trainer.replicated)  # Restored onto the mesh, also across hosts.
   ckpt = Checkpointer(workdir, read_only=True)
   variables, meta = ckpt.restore_best(target)
   return model, trainer, variables, meta

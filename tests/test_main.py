@@ -56,6 +56,8 @@ def test_eval_without_a_run_is_clear(tmp_path):
 
 
 def test_every_flag_has_help_text():
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(['prog'])
   text = _cli('--helpfull').stdout
   for name in ('model', 'dataset', 'tfds_data_dir', 'val_examples',
                'optimizer', 'lr_schedule', 'label_smoothing', 'augment',
@@ -67,6 +69,8 @@ def test_every_flag_has_help_text():
 
 def test_end_to_end_train_then_eval_on_mock_data(mock_tfds, tmp_path,
                                                  capsys):
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(['prog'])
   workdir = str(tmp_path / 'run')
   common = dict(workdir=workdir, tfds_data_dir=str(tmp_path / 'tfds'),
                 download=False, val_examples=64, batch_size=32,
