@@ -10,7 +10,12 @@ the computation be:
 * ``im2col``: the kh*kw shifted views concatenated on the channel axis, then
   one matmul with the reshaped kernel;
 * ``shifted``: a sum of kh*kw matmuls of shifted views;
-* ``auto``: ``im2col`` on CPU, ``xla`` elsewhere.
+* ``auto``: ``xla`` on GPU/TPU; on CPU ``shifted`` for convolutions of few
+  input channels (the first layer) and ``im2col`` for the others, the fastest
+  whole training step measured (experiments/PERFORMANCE.md). On CPU, ``xla``
+  is the one to avoid inside `lax.scan`: XLA:CPU runs the kernel-gradient
+  convolution in a loop body with a naive emitter, tens of times slower
+  (jax-ml/jax#12868), and the Trainer scans its steps.
 """
 
 from __future__ import annotations
@@ -23,12 +28,22 @@ import jax.numpy as jnp
 from jax import lax
 
 IMPLS = ('xla', 'im2col', 'shifted', 'auto')
+# On CPU, 'auto' uses 'shifted' up to this many input channels, else 'im2col'.
+SHIFTED_MAX_IN_FEATURES = 3
 
 
-def resolve_impl(impl: str) -> str:
-  """Maps 'auto' to the fastest implementation for the default backend."""
+def resolve_impl(impl: str, in_features: int | None = None) -> str:
+  """Maps 'auto' to the fastest implementation for the default backend.
+
+  ``in_features`` (the convolution's input channels) refines the CPU choice;
+  without it, CPU gets ``im2col``.
+  """
   if impl == 'auto':
-    return 'im2col' if jax.default_backend() == 'cpu' else 'xla'
+    if jax.default_backend() != 'cpu':
+      return 'xla'
+    if in_features is not None and in_features <= SHIFTED_MAX_IN_FEATURES:
+      return 'shifted'
+    return 'im2col'
   if impl not in IMPLS:
     raise ValueError(f'unknown conv implementation {impl!r}; choose from {IMPLS}')
   return impl
@@ -42,8 +57,8 @@ def _shifted_views(x: jax.Array, kh: int, kw: int) -> list[jax.Array]:
 def conv2d(x: jax.Array, kernel: jax.Array, padding: str = 'VALID',
            impl: str = 'auto') -> jax.Array:
   """Stride-1 NHWC convolution with an HWIO kernel, by the chosen impl."""
-  impl = resolve_impl(impl)
   kh, kw, cin, cout = kernel.shape
+  impl = resolve_impl(impl, cin)
   if impl == 'xla':
     return lax.conv_general_dilated(
         x, kernel, (1, 1), padding,

@@ -10,9 +10,11 @@ repeat, so load from other processes hits them alike; medians are reported.
 
   python experiments/benchmark.py                       # both models, table
   python experiments/benchmark.py --json --models=simple_cnn --repeats=5
-  python experiments/benchmark.py --conv_impl=xla --peers=
+  python experiments/benchmark.py --conv_impl=im2col --peers=     # ours only
   python experiments/benchmark.py --host_devices=2 --single_thread
   python experiments/benchmark.py --whole_run --tfds_data_dir=DIR  # 1 epoch
+  python experiments/benchmark.py --conv_sweep=im2col/im2col/im2col,\
+      shifted/im2col/im2col --steps=10 --repeats=9   # per-layer conv impls
 
 Figures per framework: ``train_img_per_s`` (steady state), ``eval_img_per_s``
 (batches of 1000, inference mode), ``compile_seconds`` (first training call
@@ -63,6 +65,10 @@ flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
 flags.DEFINE_bool('whole_run', False, 'Instead: time one whole epoch of '
                   'SimpleCNN on real MNIST, input loading included, with '
                   'train_and_evaluate and with the Keras tutorial recipe.')
+flags.DEFINE_list('conv_sweep', [], 'Instead: time whole SimpleCNN training '
+                  'steps with a conv impl per layer, e.g. '
+                  '"im2col/im2col/im2col,shifted/im2col/im2col" (taking turns, '
+                  'through Trainer.train_chunk; ours only).')
 flags.DEFINE_string('tfds_data_dir', '', 'TFDS data dir for --whole_run '
                     '(default: $TFDS_DATA_DIR or ../shared/tensorflow_datasets).')
 
@@ -109,6 +115,10 @@ def settings() -> dict[str, Any]:
            eval_batch_size=FLAGS.eval_batch_size,
            learning_rate=FLAGS.learning_rate, conv_impl=FLAGS.conv_impl,
            dtype=FLAGS.dtype, peers=[p for p in FLAGS.peers if p])
+  unknown = ([m for m in s['models'] if m not in ('simple_cnn', 'deep_cnn')]
+             + [p for p in s['peers'] if p not in RUNNERS])
+  if unknown:
+    raise SystemExit(f'error: unknown --models/--peers entries: {unknown}')
   if FLAGS.tiny:
     s.update(batch_size=8, steps=2, warmup=0, repeats=1, eval_examples=32,
              eval_batch_size=16)
@@ -313,9 +323,9 @@ RUNNERS = {'keras': KerasRunner, 'torch': TorchRunner}
 
 
 def installed(peer: str) -> bool:
+  """Whether the peer framework (its module has the peer's name) imports."""
   import importlib.util
-  module = {'keras': 'keras', 'torch': 'torch'}[peer]
-  return importlib.util.find_spec(module) is not None
+  return importlib.util.find_spec(peer) is not None
 
 
 # Benchmark --------------------------------------------------------------------
@@ -381,8 +391,74 @@ def benchmark(s: dict[str, Any]) -> dict[str, Any]:
   results['settings'] = {**s, 'peers_run': peers,
                          'peers_skipped': [p for p in s['peers']
                                            if p not in peers],
-                         'cpu_count': os.cpu_count()}
+                         'cpu_count': os.cpu_count(),
+                         'load_average_1min': os.getloadavg()[0]}
   return results
+
+
+# Conv sweep: one impl per layer, whole training steps -------------------------
+def per_layer_simple_cnn(impls: tuple[str, ...]):
+  """SimpleCNN (same layers and param tree) with a conv impl per layer."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from cnn_jax.conv import Conv
+
+  class PerLayerSimpleCNN(nn.Module):
+    impls: tuple[str, ...]
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      del train
+      for i, (features, impl) in enumerate(zip((32, 64, 64), self.impls), 1):
+        x = nn.relu(Conv(features, impl=impl, name=f'conv{i}')(x))
+        if i < 3:
+          x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = x.reshape((x.shape[0], -1))
+      x = nn.relu(nn.Dense(64, name='dense1')(x))
+      return nn.Dense(NUM_CLASSES, name='logits')(x).astype(jnp.float32)
+
+  return PerLayerSimpleCNN(impls)
+
+
+def conv_sweep(s: dict[str, Any]) -> dict[str, Any]:
+  """Training img/s of SimpleCNN for each per-layer impl choice, in turns."""
+  import jax
+  from cnn_jax import config as config_lib, train
+  n = s['steps'] * s['batch_size']
+  images, labels = synthetic_data(n)
+  config = config_lib.Config(batch_size=s['batch_size'],
+                             learning_rate=s['learning_rate'])
+  runs = {}
+  for spec in FLAGS.conv_sweep:
+    impls = tuple(spec.split('/'))
+    if len(impls) != 3:
+      raise SystemExit(f'error: --conv_sweep entry {spec!r} needs 3 impls')
+    model = per_layer_simple_cnn(impls)
+    trainer = train.Trainer(config, model, NUM_CLASSES)
+    box = {'state': jax.device_put(train.create_train_state(
+        config, model, IMAGE_SHAPE, s['steps']), trainer.replicated)}
+    args = (trainer.put(images), trainer.put(labels),
+            trainer.epoch_indices(train.data_key(config), 0, n))
+
+    def run(trainer=trainer, box=box, args=args) -> None:
+      box['state'], m = trainer.train_chunk(box['state'], *args)
+      float(m['loss_sum'])
+
+    first = timed(run)
+    for _ in range(s['warmup']):
+      run()
+    runs[spec] = (run, first, [])
+  for _ in range(s['repeats']):
+    for run, _, times in runs.values():
+      times.append(timed(run))
+  out = {}
+  for spec, (_, first, times) in runs.items():
+    t = statistics.median(times)
+    out[spec] = {'train_img_per_s': n / t,
+                 'compile_seconds': max(0.0, first - t),
+                 'train_img_per_s_each': [n / x for x in times]}
+  return {'conv_sweep': out, 'settings': {
+      **s, 'load_average_1min': os.getloadavg()[0]}}
 
 
 # Whole run: one real epoch, input loading included -----------------------------
@@ -417,7 +493,8 @@ def whole_run(s: dict[str, Any]) -> dict[str, Any]:
   if 'keras' in s['peers'] and installed('keras'):
     out['keras'] = keras_recipe(data_dir, config.val_examples, s)
     out['wall_ratio_vs_keras'] = wall / out['keras']['wall_seconds']
-  return {'whole_run': out, 'settings': s}
+  return {'whole_run': out, 'settings': {
+      **s, 'load_average_1min': os.getloadavg()[0]}}
 
 
 def keras_recipe(data_dir: str, val_examples: int, s: dict[str, Any]
@@ -459,6 +536,10 @@ def keras_recipe(data_dir: str, val_examples: int, s: dict[str, Any]
 
 # Output -----------------------------------------------------------------------
 def table(results: dict[str, Any]) -> str:
+  if 'conv_sweep' in results:
+    return '\n'.join(f'{spec:28s} {f["train_img_per_s"]:7.0f} img/s  compile '
+                     f'{f["compile_seconds"]:.1f}s'
+                     for spec, f in results['conv_sweep'].items())
   if 'whole_run' in results:
     w = results['whole_run']
     return '\n'.join(f'{k:8s} ' + '  '.join(f'{m}={v:.4g}' for m, v in
@@ -500,7 +581,12 @@ def main(argv: list[str]) -> None:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   configure_xla()
   s = settings()
-  results = whole_run(s) if FLAGS.whole_run else benchmark(s)
+  if FLAGS.conv_sweep:
+    results = conv_sweep(s)
+  elif FLAGS.whole_run:
+    results = whole_run(s)
+  else:
+    results = benchmark(s)
   print(json.dumps(results, indent=1) if FLAGS.json else table(results))
 
 

@@ -87,10 +87,14 @@ def test_bfloat16_compute_keeps_float32_params(impl):
 
 
 def test_resolve_impl():
-  for impl in conv.IMPLS:
-    assert conv.resolve_impl(impl) in ('xla', 'im2col', 'shifted')
-  if jax.default_backend() != 'cpu':
-    assert conv.resolve_impl('auto') == 'xla'
+  for impl in ('xla', 'im2col', 'shifted'):
+    assert conv.resolve_impl(impl) == conv.resolve_impl(impl, 1) == impl
+  if jax.default_backend() == 'cpu':
+    # Per layer: shifted matmuls for the few-channel first layer, im2col after.
+    assert conv.resolve_impl('auto', 1) == 'shifted'
+    assert conv.resolve_impl('auto', 32) == conv.resolve_impl('auto') == 'im2col'
+  else:
+    assert conv.resolve_impl('auto', 1) == conv.resolve_impl('auto') == 'xla'
   with pytest.raises(ValueError, match='unknown conv implementation'):
     conv.resolve_impl('winograd')
 
