@@ -13,6 +13,7 @@ replicated. On one CPU this is the same code with a mesh of one device.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -220,13 +221,16 @@ class Trainer:
   def epoch_indices(self, key: jax.Array, epoch: int, num_examples: int
                     ) -> jax.Array:
     """[steps_per_epoch, batch] example indices of one epoch, sharded."""
+    return self._epoch_indices(key, epoch, num_examples)
+
+  @functools.partial(jax.jit, static_argnums=(0, 3))
+  def _epoch_indices(self, key: jax.Array, epoch: jax.Array,
+                     num_examples: int) -> jax.Array:
     bs = self.config.batch_size
     steps = num_examples // bs
-    perm = jax.jit(
-        lambda k, e: input_pipeline.epoch_permutation(k, e, num_examples)
-        [:steps * bs].reshape(steps, bs),
-        out_shardings=self.index_sharding)(key, epoch)
-    return perm
+    perm = input_pipeline.epoch_permutation(key, epoch, num_examples)
+    return jax.lax.with_sharding_constraint(
+        perm[:steps * bs].reshape(steps, bs), self.index_sharding)
 
   def logits(self, variables: Any, images: jax.Array) -> jax.Array:
     """Eval-mode logits of every image, in batches of ``eval_batch_size``."""
@@ -429,7 +433,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         t0 = time.perf_counter()
         state, m = trainer.train_chunk(state, images, labels,
                                        idx[start:start + chunk])
-        loss_sum = float(m['loss_sum'])  # One host sync per chunk.
+        host = jax.device_get(m)  # The one host sync per chunk.
+        loss_sum = float(host['loss_sum'])
         dt = time.perf_counter() - t0
         meta['train_seconds'] += dt
         step += chunk
@@ -443,8 +448,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         if jax.process_index() == 0:
           logging.info('epoch %d/%d step %d/%d  loss %.4f  acc %.2f%%  '
                        '%.0f img/s', epoch + 1, config.epochs, step,
-                       total_steps, loss_sum / float(m['count']),
-                       100 * float(m['correct']) / float(m['count']),
+                       total_steps, loss_sum / float(host['count']),
+                       100 * float(host['correct']) / float(host['count']),
                        chunk * config.batch_size / dt)
         if distributed.any_process(stop['signal'] is not None):
           save_latest(step, sums)

@@ -204,9 +204,15 @@ def plot_accuracy(path: str, study: Study, summaries: Sequence[Summary],
   ax.minorticks_off()
   ax.set_xlabel(study.knob_label)
   ax.set_ylabel('test accuracy (%)')
+  _finish(fig, ax, path, title, legend=any(groups))
+
+
+def _finish(fig: Any, ax: Any, path: str, title: str, legend: bool) -> None:
+  """Title, grid, optional legend; saves the figure and frees it."""
+  import matplotlib.pyplot as plt
   ax.set_title(title, fontsize=10)
   ax.grid(alpha=0.3)
-  if any(groups):
+  if legend:
     ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -232,13 +238,7 @@ def plot_cost(path: str, study: Study, summaries: Sequence[Summary],
                 fontsize=7, xytext=(3, 3), textcoords='offset points')
   ax.set_xlabel('mean training time per run (s)')
   ax.set_ylabel('mean test accuracy (%)')
-  ax.set_title(title, fontsize=10)
-  ax.grid(alpha=0.3)
-  if any(groups):
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _finish(fig, ax, path, title, legend=any(groups))
 
 
 def write_report(study_dir: str, study: Study,
