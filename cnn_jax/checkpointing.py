@@ -5,13 +5,15 @@ Layout under ``workdir/checkpoints``:
 * ``latest/<step>``: the whole train state plus JSON metadata (epoch
   progress, running metric sums, history), the two newest kept, so a
   corrupt newest one falls back to the one before.
-* ``best/<step>``: params and batch stats of the epoch with the highest
-  validation accuracy, plus its metrics; selection never looks at test data.
+* ``best/<step>``: params and batch stats of the epoch with the best
+  validation metric (``--best_metric``), plus its metrics; selection never
+  looks at test data.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 from absl import logging
@@ -31,6 +33,41 @@ def _manager(directory: str, max_to_keep: int, read_only: bool = False
 
 def _abstract(tree: Any) -> Any:
   return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def tree_bytes(tree: Any) -> int:
+  """Uncompressed size of a pytree's arrays: an upper bound for a save."""
+  return sum(int(getattr(x, 'nbytes', 0))
+             for x in jax.tree_util.tree_leaves(tree))
+
+
+def free_bytes(path: str) -> int:
+  """Free space on the filesystem holding ``path`` (or its nearest parent)."""
+  path = os.path.abspath(path)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  return shutil.disk_usage(path).free
+
+
+def _mb(n: int) -> str:
+  return f'{n / 2**20:.1f} MB'
+
+
+# Failures of a write that the user can fix (disk full, permissions), as
+# Orbax/TensorStore report them: OSError, or ValueError with a status code.
+_WRITE_ERRORS = ('No space left', 'RESOURCE_EXHAUSTED', 'PERMISSION_DENIED',
+                 'Permission denied', 'Read-only file system', 'os_error_code')
+
+
+def _write_error(root: str, e: Exception, saved: list[int]) -> CnnJaxError:
+  reason = e.strerror if isinstance(e, OSError) and e.strerror else next(
+      (m for m in ('No space left on device', 'Permission denied',
+                   'Read-only file system') if m in str(e)),
+      ' '.join(str(e).split())[:200])
+  kept = (f'the checkpoints saved before (steps {saved}) are kept'
+          if saved else 'nothing had been saved yet')
+  return CnnJaxError(f'could not write a checkpoint under {root}: {reason}; '
+                     f'{kept}; fix it and re-run the same command to resume')
 
 
 def _mismatch(directory: str, e: Exception) -> CnnJaxError:
@@ -57,15 +94,41 @@ class Checkpointer:
   def latest_steps(self) -> list[int]:
     return sorted(self._latest.all_steps()) if self._latest else []
 
-  def save_latest(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+  def check_space(self, state: Any) -> None:
+    """Fails before training when the disk cannot hold this run's saves.
+
+    At peak the latest directory holds three states (two kept plus the one
+    being written) and the best one holds params and statistics.
+    """
+    need = 4 * tree_bytes(state) + 2**20
+    free = free_bytes(self.root)
+    if free < need:
+      raise CnnJaxError(f'not enough free space for checkpoints under '
+                        f'{self.root}: {_mb(free)} free, this run needs about '
+                        f'{_mb(need)}; free some space or use another '
+                        '--workdir')
+
+  def _save(self, manager: ocp.CheckpointManager, step: int,
+            args: ocp.args.Composite, nbytes: int) -> None:
+    """One save, refused up front when it cannot fit; never half-reported."""
+    saved = sorted(manager.all_steps())
+    free = free_bytes(self.root)
+    if free < nbytes + 2**20:
+      raise _write_error(self.root, OSError(
+          28, f'No space left on device ({_mb(free)} free, a checkpoint '
+          f'needs up to {_mb(nbytes)})'), saved)
     try:
-      self._latest.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                        force=True)
-      self._latest.wait_until_finished()
-    except OSError as e:
-      raise CnnJaxError(f'could not write a checkpoint under {self.root}: '
-                        f'{e.strerror or e}') from e
+      manager.save(step, args=args, force=True)
+      manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      if isinstance(e, OSError) or any(m in str(e) for m in _WRITE_ERRORS):
+        raise _write_error(self.root, e, saved) from e
+      raise
+
+  def save_latest(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    self._save(self._latest, step, ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+               tree_bytes(state))
 
   def restore_latest(self, target: Any) -> tuple[Any, dict[str, Any]] | None:
     """Newest readable (state, meta), falling back past corrupt ones."""
@@ -92,14 +155,9 @@ class Checkpointer:
 
   # Best params ------------------------------------------------------------
   def save_best(self, step: int, variables: Any, meta: dict[str, Any]) -> None:
-    try:
-      self._best.save(step, args=ocp.args.Composite(
-          variables=ocp.args.StandardSave(variables),
-          meta=ocp.args.JsonSave(meta)), force=True)
-      self._best.wait_until_finished()
-    except OSError as e:
-      raise CnnJaxError(f'could not write a checkpoint under {self.root}: '
-                        f'{e.strerror or e}') from e
+    self._save(self._best, step, ocp.args.Composite(
+        variables=ocp.args.StandardSave(variables),
+        meta=ocp.args.JsonSave(meta)), tree_bytes(variables))
 
   def has_best(self) -> bool:
     return bool(self._best and self._best.latest_step() is not None)

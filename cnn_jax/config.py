@@ -27,6 +27,7 @@ OPTIMIZERS = ('adam', 'adamw', 'sgd', 'nesterov', 'rmsprop')
 SCHEDULES = ('constant', 'cosine', 'onecycle', 'step')
 DTYPES = ('float32', 'bfloat16')
 CONV_IMPLS = ('xla', 'im2col', 'shifted', 'auto')
+BEST_METRICS = ('val_accuracy', 'val_loss')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,9 @@ class Config:
                            '(0 = all); for quick runs and tests.')
   test_examples: int = _f(0, 'Evaluate on only the first N test examples '
                           '(0 = all 10,000).')
+  best_metric: str = _f('val_accuracy', 'Validation metric that picks the '
+                        'best checkpoint: val_accuracy (highest) or val_loss '
+                        '(lowest; smoother on a small validation split).')
   augment: bool = _f(False, 'On-device random shifts/rotations/scaling of '
                      'training images, inside jit.')
   aug_max_shift: float = _f(2.0, 'Augmentation: max translation in pixels.')
@@ -111,7 +115,7 @@ def validate(config: Config) -> Config:
 
   choices = {'model': MODELS, 'optimizer': OPTIMIZERS,
              'lr_schedule': SCHEDULES, 'dtype': DTYPES,
-             'conv_impl': CONV_IMPLS}
+             'conv_impl': CONV_IMPLS, 'best_metric': BEST_METRICS}
   for name, allowed in choices.items():
     value = getattr(config, name)
     if value not in allowed:

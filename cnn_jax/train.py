@@ -293,8 +293,8 @@ def _check_workdir(config: Config, workdir: str) -> None:
                       f'{e.strerror or e}') from e
   path = os.path.join(workdir, 'config.json')
   if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+    with open(path) as f:  # Fields added since that run take defaults.
+      old = {**json.loads(Config().to_json()), **json.load(f)}
     new = json.loads(config.to_json())
     diff = sorted(k for k in set(old) | set(new)
                   if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k))
@@ -355,6 +355,20 @@ def read_history(workdir: str) -> list[dict[str, Any]]:
   return [rows[k] for k in sorted(rows)]
 
 
+def is_better(config: Config, val: dict[str, float],
+              meta: dict[str, Any]) -> bool:
+  """Whether this epoch's validation metrics beat the best so far.
+
+  ``val_loss`` exists because on a 5,000-image split accuracy moves in steps
+  of one image, so a single lucky epoch at a high learning rate can win.
+  """
+  if meta.get('best_epoch', -1) < 0:
+    return True
+  if config.best_metric == 'val_loss':
+    return val['loss'] < meta.get('best_val_loss', math.inf)
+  return val['accuracy'] > meta['best_val_accuracy']
+
+
 def build(config: Config, info: input_pipeline.DatasetInfo
           ) -> tuple[nn.Module, Trainer]:
   model = models.create_model(config, info.num_classes)
@@ -397,6 +411,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   state = create_train_state(config, model, info.image_shape, steps_per_epoch)
   num_params = models.count_params(state.params)
   ckpt = Checkpointer(workdir)
+  ckpt.check_space(state)
   meta: dict[str, Any] = {'best_val_accuracy': -1.0, 'best_epoch': -1,
                           'train_seconds': 0.0, 'sums': None}
   # Replicated before restoring, so Orbax restores onto the (multi-host) mesh.
@@ -476,8 +491,9 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
                    100 * row['train_accuracy'], val['loss'],
                    100 * val['accuracy'], row['epoch_seconds'])
       metrics_out.write(row)
-      if val['accuracy'] > meta['best_val_accuracy']:
-        meta['best_val_accuracy'], meta['best_epoch'] = val['accuracy'], epoch + 1
+      if is_better(config, val, meta):
+        meta.update(best_val_accuracy=val['accuracy'],
+                    best_val_loss=val['loss'], best_epoch=epoch + 1)
         ckpt.save_best(step, variables_of(state),
                        {'epoch': epoch + 1, 'step': step, **val})
       save_latest(step, None)
@@ -490,6 +506,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       'model': config.model, 'dataset': info.name,
       'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
       'best_val_accuracy': meta['best_val_accuracy'],
+      'best_val_loss': meta.get('best_val_loss'),
+      'best_metric': config.best_metric,
       'best_epoch': best_meta['epoch'], 'epochs': config.epochs,
       'steps': total_steps, 'num_params': num_params,
       'train_seconds': meta['train_seconds'],

@@ -92,3 +92,49 @@ def test_mismatched_model_is_a_clear_error(trained_simple):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(CnnJaxError, match='no checkpoint'):
     Checkpointer(str(tmp_path), read_only=True).restore_best({})
+
+
+def test_save_on_a_full_disk_is_refused_and_keeps_saved_steps(tmp_path,
+                                                              monkeypatch):
+  from cnn_jax import checkpointing
+  config = Config()
+  state = _state(config)
+  ckpt = Checkpointer(str(tmp_path))
+  ckpt.save_latest(1, state.replace(step=1), {'n': 1})
+  monkeypatch.setattr(checkpointing, 'free_bytes', lambda path: 100_000)
+  with pytest.raises(CnnJaxError, match=r'No space left on device.*steps '
+                     r'\[1\]\) are kept'):
+    ckpt.save_latest(2, state.replace(step=2), {'n': 2})
+  with pytest.raises(CnnJaxError, match='not enough free space'):
+    ckpt.check_space(state)
+  restored, meta = Checkpointer(str(tmp_path)).restore_latest(state)
+  assert int(restored.step) == 1 and meta == {'n': 1}
+
+
+def test_storage_errors_from_orbax_become_one_clear_line(tmp_path,
+                                                         monkeypatch):
+  import orbax.checkpoint as ocp
+  state = _state(Config())
+  ckpt = Checkpointer(str(tmp_path))
+  ckpt.save_latest(1, state.replace(step=1), {})
+  # What TensorStore raised here when a tmpfs filled up during a save.
+  error = ValueError('RESOURCE_EXHAUSTED: Error writing local file "x": '
+                     'Failed to write 3671 bytes to file 12: No space left on '
+                     "device [os_error_code='28']")
+
+  def full(*args, **kwargs):
+    raise error
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', full)
+  with pytest.raises(CnnJaxError) as info:
+    ckpt.save_best(2, {'params': state.params}, {})
+  assert str(info.value).count('\n') == 0
+  assert 'No space left on device' in str(info.value)
+  assert 'nothing had been saved yet' in str(info.value)
+  with pytest.raises(CnnJaxError, match=r'steps \[1\]\) are kept'):
+    ckpt.save_latest(2, state.replace(step=2), {})
+
+  def bug(*args, **kwargs):
+    raise ValueError('some programming error')
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', bug)
+  with pytest.raises(ValueError, match='programming error'):
+    ckpt.save_latest(3, state.replace(step=3), {})

@@ -124,3 +124,27 @@ def test_bfloat16_compute_keeps_float32_params():
 def test_unknown_model_is_a_clear_error():
   with pytest.raises(CnnJaxError, match='unknown --model'):
     models.create_model(Config(model='resnet9000'), 10)
+
+
+@pytest.mark.parametrize('shape', [(2, 26, 26, 3), (2, 11, 11, 4),
+                                   (1, 5, 8, 2)])
+def test_mask_grad_max_pool_matches_reduce_window_values_and_gradients(shape):
+  # Distinct values: no ties, where the two gradients may legitimately differ.
+  x = jax.random.permutation(jax.random.PRNGKey(0),
+                             jnp.arange(np.prod(shape), dtype=jnp.float32))
+  x = x.reshape(shape) / x.size
+  pools = [lambda v, i=impl: models.max_pool_2x2(v, i)
+           for impl in ('mask_grad', 'reduce_window')]
+  a, b = (p(x) for p in pools)
+  np.testing.assert_array_equal(a, b)
+  assert a.shape == (shape[0], shape[1] // 2, shape[2] // 2, shape[3])
+  ga, gb = (jax.grad(lambda v, p=p: (p(v) ** 3).sum())(x) for p in pools)
+  np.testing.assert_array_equal(ga, gb)
+
+
+def test_mask_grad_max_pool_shares_the_gradient_of_ties():
+  x = jnp.array([[1.0, 1.0], [0.0, -1.0]]).reshape(1, 2, 2, 1)
+  g = jax.grad(lambda v: models.max_pool_2x2(v, 'mask_grad').sum())(x)
+  np.testing.assert_array_equal(g.reshape(2, 2), [[0.5, 0.5], [0.0, 0.0]])
+  with pytest.raises(ValueError, match='pooling'):
+    models.max_pool_2x2(x, 'nope')

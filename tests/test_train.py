@@ -107,6 +107,30 @@ def test_run_writes_results_metrics_and_checkpoints(mock_tfds, tmp_path):
   assert os.listdir(os.path.join(workdir, 'tb'))
 
 
+def test_best_metric_val_loss_keeps_the_lowest_val_loss_epoch(mock_tfds,
+                                                               tmp_path):
+  config = tiny_config(tmp_path / 'tfds', epochs=3, best_metric='val_loss')
+  workdir = str(tmp_path / 'run')
+  results = train.train_and_evaluate(config, workdir)
+  history = train.read_history(workdir)
+  best = min(history, key=lambda r: r['val_loss'])
+  assert results['best_epoch'] == best['epoch']
+  assert results['best_val_loss'] == best['val_loss']
+  assert results['best_val_accuracy'] == best['val_accuracy']
+  assert results['best_metric'] == 'val_loss'
+
+
+def test_is_better_follows_the_chosen_metric():
+  meta = {'best_epoch': 3, 'best_val_accuracy': 0.99, 'best_val_loss': 0.05}
+  lower_loss_lower_acc = {'accuracy': 0.98, 'loss': 0.04}
+  assert train.is_better(Config(best_metric='val_loss'), lower_loss_lower_acc,
+                         meta)
+  assert not train.is_better(Config(), lower_loss_lower_acc, meta)
+  assert train.is_better(Config(), {'accuracy': 0.995, 'loss': 0.09}, meta)
+  assert train.is_better(Config(), {'accuracy': 0.0, 'loss': 9.0},
+                         {'best_epoch': -1, 'best_val_accuracy': -1.0})
+
+
 def _params_of(workdir: str, config: Config):
   model = models.create_model(config, 10)
   target = train.create_train_state(config, model, (28, 28, 1), 1)
@@ -203,6 +227,60 @@ def test_unwritable_workdir_fails_before_training(tmp_path):
   blocker.write_text('x')
   with pytest.raises(CnnJaxError, match='not writable'):
     train.train_and_evaluate(tiny_config(tmp_path), str(blocker / 'run'))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """Mounts a tmpfs of 8 MiB under tmp_path (root only; skipped otherwise)."""
+  import subprocess
+  mount = tmp_path / 'small_disk'
+  mount.mkdir()
+  if os.geteuid() != 0 or subprocess.run(
+      ['mount', '-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', str(mount)],
+      capture_output=True).returncode:
+    pytest.skip('cannot mount a small tmpfs here (needs root)')
+  try:
+    yield mount
+  finally:
+    subprocess.run(['umount', '-l', str(mount)], check=False)
+
+
+def test_real_full_disk_errors_clearly_and_keeps_saved_work(mock_tfds,
+                                                            tmp_path,
+                                                            small_disk,
+                                                            monkeypatch):
+  from cnn_jax import checkpointing
+  config = tiny_config(tmp_path / 'tfds', epochs=2, log_every_steps=2,
+                       checkpoint_every_steps=2)
+  ballast = small_disk / 'ballast'
+
+  # Too little space from the start: refused before any training.
+  ballast.write_bytes(b'\0' * (checkpointing.free_bytes(str(small_disk))
+                               - 3 * 2**20))
+  with pytest.raises(CnnJaxError, match='not enough free space'):
+    train.train_and_evaluate(config, str(small_disk / 'early'))
+  assert not (small_disk / 'early' / 'metrics.jsonl').exists()
+  ballast.unlink()
+
+  # The disk fills up (another writer) after the first checkpoint.
+  workdir = str(small_disk / 'run')
+  original = Checkpointer.save_latest
+
+  def then_fill_disk(self, step, *args):
+    original(self, step, *args)
+    if not ballast.exists():
+      ballast.write_bytes(b'\0' * (checkpointing.free_bytes(workdir)
+                                   - 200_000))
+  monkeypatch.setattr(Checkpointer, 'save_latest', then_fill_disk)
+  with pytest.raises(CnnJaxError, match=r'No space left on device.*steps '
+                     r'\[2\]\) are kept'):
+    train.train_and_evaluate(config, workdir)
+  monkeypatch.undo()
+  assert Checkpointer(workdir).latest_steps() == [2]
+  ballast.unlink()
+  results = train.train_and_evaluate(config, workdir)  # Resumes and ends.
+  assert results['steps'] == 12
+  assert [r['epoch'] for r in train.read_history(workdir)] == [1, 2]
 
 
 def test_batch_larger_than_train_set_is_an_error(mock_tfds, tmp_path):
