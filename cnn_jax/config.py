@@ -27,6 +27,7 @@ OPTIMIZERS = ('adam', 'adamw', 'sgd', 'nesterov', 'rmsprop')
 SCHEDULES = ('constant', 'cosine', 'onecycle', 'step')
 DTYPES = ('float32', 'bfloat16')
 CONV_IMPLS = ('xla', 'im2col', 'shifted', 'auto')
+POOL_IMPLS = ('reduce_window', 'mask_grad', 'auto')
 BEST_METRICS = ('val_accuracy', 'val_loss')
 
 
@@ -68,6 +69,9 @@ class Config:
   conv_impl: str = _f('auto', f'Convolution kernel: {", ".join(CONV_IMPLS)}. '
                       'All give the same parameters; auto picks the fastest '
                       'per layer for the backend.')
+  pool_impl: str = _f('auto', f'Max-pool kernel: {", ".join(POOL_IMPLS)}. Same '
+                      'forward values; mask_grad has a faster gradient on CPU '
+                      '(auto picks it there).')
   dtype: str = _f('float32', 'Compute dtype (bfloat16 = mixed precision, '
                   'params stay float32).')
 
@@ -115,7 +119,8 @@ def validate(config: Config) -> Config:
 
   choices = {'model': MODELS, 'optimizer': OPTIMIZERS,
              'lr_schedule': SCHEDULES, 'dtype': DTYPES,
-             'conv_impl': CONV_IMPLS, 'best_metric': BEST_METRICS}
+             'conv_impl': CONV_IMPLS, 'pool_impl': POOL_IMPLS,
+             'best_metric': BEST_METRICS}
   for name, allowed in choices.items():
     value = getattr(config, name)
     if value not in allowed:

@@ -108,26 +108,16 @@ def probability_fn(config: Config, info: input_pipeline.DatasetInfo,
                    variables: Any) -> Callable[[jax.Array], jax.Array]:
   """uint8 images -> softmax probabilities, with `variables` baked in.
 
-  With ``conv_impl=auto`` the convolution kernel is chosen per platform at
-  lowering time (im2col on CPU, XLA's convolution elsewhere), so one
+  The model is `models.for_inference`'s: with ``conv_impl=auto`` that is
+  XLA's own convolution, the fastest forward pass on every platform, so one
   multi-platform artifact is fast everywhere.
   """
   variables = jax.device_get(variables)
-  cpu_impl = 'im2col' if config.conv_impl == 'auto' else config.conv_impl
-  accel_impl = 'xla' if config.conv_impl == 'auto' else cpu_impl
-
-  def apply(impl: str) -> Callable[[jax.Array], jax.Array]:
-    model = models.create_model(config.replace(conv_impl=impl),
-                                info.num_classes)
-    return lambda x: model.apply(variables, x, train=False)
+  model = models.for_inference(models.create_model(config, info.num_classes))
 
   def probabilities(images: jax.Array) -> jax.Array:
     x = input_pipeline.normalize(images)
-    if cpu_impl == accel_impl:
-      logits = apply(cpu_impl)(x)
-    else:
-      logits = jax.lax.platform_dependent(x, cpu=apply(cpu_impl),
-                                          default=apply(accel_impl))
+    logits = model.apply(variables, x, train=False)
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
   return probabilities

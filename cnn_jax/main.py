@@ -30,7 +30,7 @@ from cnn_jax.config import Config, CnnJaxError, validate  # noqa: E402
 MODES = ('train', 'eval', 'analyze', 'predict', 'export')
 # Flags that may override a saved config in the non-training modes.
 LOCATION_FIELDS = ('tfds_data_dir', 'download', 'eval_batch_size',
-                   'test_examples', 'conv_impl')
+                   'test_examples', 'conv_impl', 'pool_impl')
 
 _MODE = flags.DEFINE_string('mode', 'train', f'One of: {", ".join(MODES)}.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: config, '

@@ -45,7 +45,8 @@ def _max_pool_mask_grad(x: jax.Array) -> jax.Array:
   return nn.max_pool(x, (2, 2), strides=(2, 2))
 
 
-def _max_pool_fwd(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+def _max_pool_fwd(x: jax.Array
+                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   y = nn.max_pool(x, (2, 2), strides=(2, 2))
   return y, (x, y)
 
@@ -65,10 +66,6 @@ def _max_pool_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array
 _max_pool_mask_grad.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-def _pool(x: jax.Array) -> jax.Array:
-  return max_pool_2x2(x)
-
-
 class SimpleCNN(nn.Module):
   """The seed model: 3 VALID 3x3 convs (32, 64, 64), 2 max-pools, 2 denses.
 
@@ -79,6 +76,7 @@ class SimpleCNN(nn.Module):
   features: Sequence[int] = (32, 64, 64)
   dense_features: int = 64
   conv_impl: str = 'auto'
+  pool_impl: str = 'auto'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -91,7 +89,7 @@ class SimpleCNN(nn.Module):
       x = nn.relu(x)
       self.sow('intermediates', f'conv{i}_relu', x)
       if i < len(self.features):
-        x = _pool(x)
+        x = max_pool_2x2(x, self.pool_impl)
         self.sow('intermediates', f'pool{i}', x)
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(self.dense_features, dtype=self.dtype,
@@ -115,6 +113,7 @@ class DeepCNN(nn.Module):
   dropout_rate: float = 0.25
   batch_norm: bool = True
   conv_impl: str = 'auto'
+  pool_impl: str = 'auto'
   dtype: Any = jnp.float32
 
   def _norm(self, x: jax.Array, train: bool, name: str) -> jax.Array:
@@ -133,7 +132,7 @@ class DeepCNN(nn.Module):
                  impl=self.conv_impl, dtype=self.dtype, name=f'conv{tag}')(x)
         x = nn.relu(self._norm(x, train, f'bn{tag}'))
         self.sow('intermediates', f'conv{tag}_relu', x)
-      x = _pool(x)
+      x = max_pool_2x2(x, self.pool_impl)
       self.sow('intermediates', f'pool{s}', x)
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1))
@@ -153,7 +152,8 @@ def _simple_cnn(config: Config, num_classes: int, dtype: Any) -> nn.Module:
   return SimpleCNN(num_classes=num_classes,
                    features=_widths((32, 64, 64), config.width_multiplier),
                    dense_features=config.dense_features or 64,
-                   conv_impl=config.conv_impl, dtype=dtype)
+                   conv_impl=config.conv_impl,
+                   pool_impl=config.pool_impl, dtype=dtype)
 
 
 def _deep_cnn(config: Config, num_classes: int, dtype: Any) -> nn.Module:
@@ -162,7 +162,8 @@ def _deep_cnn(config: Config, num_classes: int, dtype: Any) -> nn.Module:
                  dense_features=config.dense_features or 128,
                  dropout_rate=config.dropout_rate,
                  batch_norm=config.batch_norm,
-                 conv_impl=config.conv_impl, dtype=dtype)
+                 conv_impl=config.conv_impl,
+                 pool_impl=config.pool_impl, dtype=dtype)
 
 
 MODEL_REGISTRY: dict[str, Callable[[Config, int, Any], nn.Module]] = {
@@ -178,6 +179,19 @@ def create_model(config: Config, num_classes: int) -> nn.Module:
                       f'{", ".join(MODEL_REGISTRY)}')
   dtype = jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32
   return MODEL_REGISTRY[config.model](config, num_classes, dtype)
+
+
+def for_inference(model: nn.Module) -> nn.Module:
+  """The same model (same params) for forward-only passes: eval, predict.
+
+  With ``conv_impl='auto'`` training on CPU uses im2col/shifted convs,
+  because XLA:CPU's kernel gradient of its own convolution is very slow
+  inside ``lax.scan``; without gradients XLA's convolution is the fastest
+  (3x eval throughput for SimpleCNN here, experiments/PERFORMANCE.md).
+  """
+  if getattr(model, 'conv_impl', None) == 'auto':
+    return model.clone(conv_impl='xla')
+  return model
 
 
 def init_variables(model: nn.Module, key: jax.Array,

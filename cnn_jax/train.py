@@ -36,7 +36,8 @@ from cnn_jax.config import Config, CnnJaxError
 
 # Fields that may change between an interrupted run and its resumption.
 RESUMABLE_FIELDS = frozenset({'log_every_steps', 'tfds_data_dir', 'download',
-                              'checkpoint_every_steps', 'conv_impl'})
+                              'checkpoint_every_steps', 'conv_impl',
+                              'pool_impl'})
 
 
 class TrainState(train_state.TrainState):
@@ -181,6 +182,7 @@ class Trainer:
   def __init__(self, config: Config, model: nn.Module, num_classes: int,
                mesh: Mesh | None = None):
     self.config, self.model, self.num_classes = config, model, num_classes
+    self.eval_model = models.for_inference(model)
     self.mesh = mesh or Mesh(np.array(jax.devices()), ('data',))
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P('data'))
@@ -214,7 +216,7 @@ class Trainer:
   def _logits_chunk(self, variables: Any, images: jax.Array, idx: jax.Array):
     def body(_, batch_idx):
       x = input_pipeline.normalize(images[batch_idx])
-      return None, self.model.apply(variables, x, train=False)
+      return None, self.eval_model.apply(variables, x, train=False)
     _, logits = jax.lax.scan(body, None, idx)
     return logits.reshape(-1, logits.shape[-1])
 

@@ -53,6 +53,8 @@ flags.DEFINE_list('peers', ['keras', 'torch'],
                   'installed are skipped.')
 flags.DEFINE_enum('conv_impl', 'auto', ['xla', 'im2col', 'shifted', 'auto'],
                   'cnn_jax convolution implementation.')
+flags.DEFINE_enum('pool_impl', 'auto', ['reduce_window', 'mask_grad', 'auto'],
+                  'cnn_jax max-pool implementation.')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
                   'cnn_jax compute dtype.')
 flags.DEFINE_integer('host_devices', 0, 'If > 0, split the CPU into this many '
@@ -114,7 +116,7 @@ def settings() -> dict[str, Any]:
            eval_examples=FLAGS.eval_examples,
            eval_batch_size=FLAGS.eval_batch_size,
            learning_rate=FLAGS.learning_rate, conv_impl=FLAGS.conv_impl,
-           dtype=FLAGS.dtype, peers=[p for p in FLAGS.peers if p])
+           pool_impl=FLAGS.pool_impl, dtype=FLAGS.dtype, peers=[p for p in FLAGS.peers if p])
   unknown = ([m for m in s['models'] if m not in ('simple_cnn', 'deep_cnn')]
              + [p for p in s['peers'] if p not in RUNNERS])
   if unknown:
@@ -138,7 +140,8 @@ class JaxRunner:
     self.config = config_lib.Config(
         model=model_name, batch_size=s['batch_size'], optimizer='adam',
         learning_rate=s['learning_rate'], conv_impl=s['conv_impl'],
-        dtype=s['dtype'], eval_batch_size=s['eval_batch_size'])
+        pool_impl=s['pool_impl'], dtype=s['dtype'],
+        eval_batch_size=s['eval_batch_size'])
     self.model = models.create_model(self.config, NUM_CLASSES)
     self.trainer = train.Trainer(self.config, self.model, NUM_CLASSES)
     state = train.create_train_state(self.config, self.model, IMAGE_SHAPE,
@@ -169,7 +172,8 @@ class JaxRunner:
     jax = self.jax
     out: dict[str, Any] = {
         'backend': jax.default_backend(), 'num_devices': jax.device_count(),
-        'conv_impl': self.config.conv_impl, 'dtype': self.config.dtype,
+        'conv_impl': self.config.conv_impl,
+        'pool_impl': self.config.pool_impl, 'dtype': self.config.dtype,
         'num_params': self.num_params,
         'xla_flags': os.environ.get('XLA_FLAGS', '')}
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -402,6 +406,7 @@ def per_layer_simple_cnn(impls: tuple[str, ...]):
   import flax.linen as nn
   import jax.numpy as jnp
   from cnn_jax.conv import Conv
+  from cnn_jax.models import max_pool_2x2
 
   class PerLayerSimpleCNN(nn.Module):
     impls: tuple[str, ...]
@@ -412,7 +417,7 @@ def per_layer_simple_cnn(impls: tuple[str, ...]):
       for i, (features, impl) in enumerate(zip((32, 64, 64), self.impls), 1):
         x = nn.relu(Conv(features, impl=impl, name=f'conv{i}')(x))
         if i < 3:
-          x = nn.max_pool(x, (2, 2), strides=(2, 2))
+          x = max_pool_2x2(x)
       x = x.reshape((x.shape[0], -1))
       x = nn.relu(nn.Dense(64, name='dense1')(x))
       return nn.Dense(NUM_CLASSES, name='logits')(x).astype(jnp.float32)
@@ -480,7 +485,8 @@ def whole_run(s: dict[str, Any]) -> dict[str, Any]:
   config = config_lib.Config(
       model='simple_cnn', epochs=1, batch_size=s['batch_size'],
       learning_rate=s['learning_rate'], conv_impl=s['conv_impl'],
-      dtype=s['dtype'], tfds_data_dir=data_dir, download=False)
+      pool_impl=s['pool_impl'], dtype=s['dtype'], tfds_data_dir=data_dir,
+      download=False)
   with tempfile.TemporaryDirectory() as workdir:
     t0 = time.perf_counter()
     res = train.train_and_evaluate(config, workdir)

@@ -148,3 +148,19 @@ def test_mask_grad_max_pool_shares_the_gradient_of_ties():
   np.testing.assert_array_equal(g.reshape(2, 2), [[0.5, 0.5], [0.0, 0.0]])
   with pytest.raises(ValueError, match='pooling'):
     models.max_pool_2x2(x, 'nope')
+
+
+@pytest.mark.parametrize('name', ['simple_cnn', 'deep_cnn'])
+def test_inference_model_uses_the_same_params_and_gives_the_same_logits(name):
+  model = models.create_model(Config(model=name), 10)
+  fast = models.for_inference(model)
+  assert fast.conv_impl == 'xla' and model.conv_impl == 'auto'
+  variables = models.init_variables(model, jax.random.PRNGKey(1), (28, 28, 1))
+  assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
+      models.init_variables(fast, jax.random.PRNGKey(1), (28, 28, 1)))
+  x = jax.random.uniform(jax.random.PRNGKey(2), (4, 28, 28, 1))
+  np.testing.assert_allclose(fast.apply(variables, x, train=False),
+                             model.apply(variables, x, train=False),
+                             rtol=1e-4, atol=1e-4)
+  pinned = models.create_model(Config(model=name, conv_impl='im2col'), 10)
+  assert models.for_inference(pinned) is pinned
