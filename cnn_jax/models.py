@@ -45,19 +45,19 @@ def _max_pool_mask_grad(x: jax.Array) -> jax.Array:
   return nn.max_pool(x, (2, 2), strides=(2, 2))
 
 
-def _max_pool_fwd(x: jax.Array
-                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  y = nn.max_pool(x, (2, 2), strides=(2, 2))
-  return y, (x, y)
+def _max_pool_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return nn.max_pool(x, (2, 2), strides=(2, 2)), x
 
 
-def _max_pool_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array
-                  ) -> tuple[jax.Array]:
-  x, y = res
+def _max_pool_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+  # The maxima are recomputed from the saved input rather than saved: XLA
+  # may recompute the input in a differently fused (differently rounded)
+  # way, and a mask against maxima of other bits could be empty (0/0).
   n, h, w, c = x.shape
   h2, w2 = h // 2, w // 2
   windows = x[:, :2 * h2, :2 * w2].reshape(n, h2, 2, w2, 2, c)
-  mask = (windows == y[:, :, None, :, None, :]).astype(g.dtype)
+  mask = windows == windows.max(axis=(2, 4), keepdims=True)
+  mask = mask.astype(g.dtype)
   mask = mask / mask.sum(axis=(2, 4), keepdims=True)
   gx = (mask * g[:, :, None, :, None, :]).reshape(n, 2 * h2, 2 * w2, c)
   return (jnp.pad(gx, ((0, 0), (0, h - 2 * h2), (0, w - 2 * w2), (0, 0))),)

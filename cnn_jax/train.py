@@ -434,7 +434,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
 
   def save_latest(step: int, sums: Any) -> None:
     meta['sums'] = None if sums is None else {
-        k: float(v) for k, v in jax.device_get(sums).items()}
+        k: v.item() for k, v in jax.device_get(sums).items()}  # Keeps dtypes.
     ckpt.save_latest(step, state, meta)
 
   step = int(state.step)
