@@ -546,7 +546,6 @@ def keras_recipe(data_dir: str, val_examples: int, s: dict[str, Any]
                  ) -> dict[str, Any]:
   """The Keras MNIST convnet recipe: load, fit with val, test."""
   import keras
-  import numpy as np
   import tensorflow as tf
   import tensorflow_datasets as tfds
   tf.config.set_visible_devices([], 'GPU')

@@ -8,7 +8,6 @@ resumed one are compared bit for bit.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import random
 import signal
