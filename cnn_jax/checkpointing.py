@@ -55,14 +55,15 @@ def _mb(n: int) -> str:
 
 # Failures of a write that the user can fix (disk full, permissions), as
 # Orbax/TensorStore report them: OSError, or ValueError with a status code.
-_WRITE_ERRORS = ('No space left', 'RESOURCE_EXHAUSTED', 'PERMISSION_DENIED',
-                 'Permission denied', 'Read-only file system', 'os_error_code')
+_WRITE_REASONS = ('No space left on device', 'Permission denied',
+                  'Read-only file system')
+_WRITE_ERRORS = _WRITE_REASONS + ('RESOURCE_EXHAUSTED', 'PERMISSION_DENIED',
+                                  'os_error_code')
 
 
 def _write_error(root: str, e: Exception, saved: list[int]) -> CnnJaxError:
   reason = e.strerror if isinstance(e, OSError) and e.strerror else next(
-      (m for m in ('No space left on device', 'Permission denied',
-                   'Read-only file system') if m in str(e)),
+      (m for m in _WRITE_REASONS if m in str(e)),
       ' '.join(str(e).split())[:200])
   kept = (f'the checkpoints saved before (steps {saved}) are kept'
           if saved else 'nothing had been saved yet')

@@ -36,17 +36,19 @@ def max_pool_2x2(x: jax.Array, impl: str = 'auto') -> jax.Array:
   if impl == 'mask_grad':
     return _max_pool_mask_grad(x)
   if impl == 'reduce_window':
-    return nn.max_pool(x, (2, 2), strides=(2, 2))
+    return _reduce_window_pool(x)
   raise ValueError(f'unknown pooling implementation {impl!r}')
 
 
-@jax.custom_vjp
-def _max_pool_mask_grad(x: jax.Array) -> jax.Array:
+def _reduce_window_pool(x: jax.Array) -> jax.Array:
   return nn.max_pool(x, (2, 2), strides=(2, 2))
 
 
+_max_pool_mask_grad = jax.custom_vjp(_reduce_window_pool)
+
+
 def _max_pool_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  return nn.max_pool(x, (2, 2), strides=(2, 2)), x
+  return _reduce_window_pool(x), x
 
 
 def _max_pool_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
