@@ -9,8 +9,12 @@ the computation be:
 * ``xla``: `lax.conv_general_dilated` (best on GPU/TPU);
 * ``im2col``: the kh*kw shifted views concatenated on the channel axis, then
   one matmul with the reshaped kernel;
+* ``im2col_t``: the same patches laid out transposed, one row per kernel
+  tap and input channel. The kernel gradient is then a plain matmul of them
+  with the output gradient, where ``im2col`` makes XLA transpose the output
+  gradient first: cheaper when the patches are few (few input channels);
 * ``shifted``: a sum of kh*kw matmuls of shifted views;
-* ``auto``: ``xla`` on GPU/TPU; on CPU ``shifted`` for convolutions of few
+* ``auto``: ``xla`` on GPU/TPU; on CPU ``im2col_t`` for convolutions of few
   input channels (the first layer) and ``im2col`` for the others, the fastest
   whole training step measured (experiments/PERFORMANCE.md). On CPU, ``xla``
   is the one to avoid inside `lax.scan`: XLA:CPU runs the kernel-gradient
@@ -27,9 +31,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ('xla', 'im2col', 'shifted', 'auto')
-# On CPU, 'auto' uses 'shifted' up to this many input channels, else 'im2col'.
-SHIFTED_MAX_IN_FEATURES = 3
+IMPLS = ('xla', 'im2col', 'im2col_t', 'shifted', 'auto')
+# On CPU, 'auto' uses 'im2col_t' up to this many input channels, else 'im2col'.
+TRANSPOSED_MAX_IN_FEATURES = 3
 
 
 def resolve_impl(impl: str, in_features: int | None = None) -> str:
@@ -41,8 +45,8 @@ def resolve_impl(impl: str, in_features: int | None = None) -> str:
   if impl == 'auto':
     if jax.default_backend() != 'cpu':
       return 'xla'
-    if in_features is not None and in_features <= SHIFTED_MAX_IN_FEATURES:
-      return 'shifted'
+    if in_features is not None and in_features <= TRANSPOSED_MAX_IN_FEATURES:
+      return 'im2col_t'
     return 'im2col'
   if impl not in IMPLS:
     raise ValueError(f'unknown conv implementation {impl!r}; choose from {IMPLS}')
@@ -73,6 +77,13 @@ def conv2d(x: jax.Array, kernel: jax.Array, padding: str = 'VALID',
   if impl == 'im2col':
     patches = jnp.concatenate(views, axis=-1)
     return patches @ kernel.reshape(kh * kw * cin, cout)
+  if impl == 'im2col_t':
+    n, oh, ow, _ = views[0].shape
+    patches_t = jnp.stack(views).transpose(0, 4, 1, 2, 3).reshape(
+        kh * kw * cin, n * oh * ow)
+    y = lax.dot_general(patches_t, kernel.reshape(kh * kw * cin, cout),
+                        (((0,), (0,)), ((), ())))
+    return y.reshape(n, oh, ow, cout)
   out = None
   for view, w in zip(views, kernel.reshape(kh * kw, cin, cout)):
     y = view @ w

@@ -53,7 +53,8 @@ flags.DEFINE_float('learning_rate', 1e-3, 'Adam learning rate.')
 flags.DEFINE_list('peers', ['keras', 'torch'],
                   'Other frameworks to time (keras, torch); ones that are not '
                   'installed are skipped.')
-flags.DEFINE_enum('conv_impl', 'auto', ['xla', 'im2col', 'shifted', 'auto'],
+flags.DEFINE_enum('conv_impl', 'auto',
+                  ['xla', 'im2col', 'im2col_t', 'shifted', 'auto'],
                   'cnn_jax convolution implementation.')
 flags.DEFINE_enum('pool_impl', 'auto', ['reduce_window', 'mask_grad', 'auto'],
                   'cnn_jax max-pool implementation.')

@@ -73,7 +73,7 @@ def test_outputs_and_gradients_match_nn_conv(impl, padding, case):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('impl', ['im2col', 'shifted'])
+@pytest.mark.parametrize('impl', ['im2col', 'im2col_t', 'shifted'])
 def test_bfloat16_compute_keeps_float32_params(impl):
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 6, 3))
   ours = conv.Conv(4, padding='SAME', impl=impl, dtype=jnp.bfloat16)
@@ -87,11 +87,12 @@ def test_bfloat16_compute_keeps_float32_params(impl):
 
 
 def test_resolve_impl():
-  for impl in ('xla', 'im2col', 'shifted'):
+  for impl in ('xla', 'im2col', 'im2col_t', 'shifted'):
     assert conv.resolve_impl(impl) == conv.resolve_impl(impl, 1) == impl
   if jax.default_backend() == 'cpu':
-    # Per layer: shifted matmuls for the few-channel first layer, im2col after.
-    assert conv.resolve_impl('auto', 1) == 'shifted'
+    # Per layer: transposed patches for the few-channel first layer, im2col
+    # after.
+    assert conv.resolve_impl('auto', 1) == 'im2col_t'
     assert conv.resolve_impl('auto', 32) == conv.resolve_impl('auto') == 'im2col'
   else:
     assert conv.resolve_impl('auto', 1) == conv.resolve_impl('auto') == 'xla'

@@ -146,6 +146,9 @@ def test_mask_grad_max_pool_shares_the_gradient_of_ties():
   x = jnp.array([[1.0, 1.0], [0.0, -1.0]]).reshape(1, 2, 2, 1)
   g = jax.grad(lambda v: models.max_pool_2x2(v, 'mask_grad').sum())(x)
   np.testing.assert_array_equal(g.reshape(2, 2), [[0.5, 0.5], [0.0, 0.0]])
+  x = jnp.array([[-1.0, 2.0], [2.0, 2.0]]).reshape(1, 2, 2, 1)
+  g = jax.grad(lambda v: models.max_pool_2x2(v, 'mask_grad').sum())(x)
+  np.testing.assert_allclose(g.reshape(2, 2), [[0.0, 1 / 3], [1 / 3, 1 / 3]])
   with pytest.raises(ValueError, match='pooling'):
     models.max_pool_2x2(x, 'nope')
 
