@@ -193,7 +193,7 @@ def create_model(config: Config, num_classes: int) -> nn.Module:
 def for_inference(model: nn.Module) -> nn.Module:
   """The same model (same params) for forward-only passes: eval, predict.
 
-  With ``conv_impl='auto'`` training on CPU uses im2col/shifted convs,
+  With ``conv_impl='auto'`` training on CPU uses im2col convs,
   because XLA:CPU's kernel gradient of its own convolution is very slow
   inside ``lax.scan``; without gradients XLA's convolution is the fastest
   (3x eval throughput for SimpleCNN here, experiments/PERFORMANCE.md).

@@ -15,6 +15,8 @@ repeat, so load from other processes hits them alike; medians are reported.
   python experiments/benchmark.py --whole_run --tfds_data_dir=DIR  # 1 epoch
   python experiments/benchmark.py --conv_sweep=im2col/im2col/im2col,\
       shifted/im2col/im2col --steps=10 --repeats=9   # per-layer conv impls
+  python experiments/benchmark.py --profile --host_devices=2 --single_thread
+                                   # where ours spends a training step
 
 Figures per framework: ``train_img_per_s`` (steady state), ``eval_img_per_s``
 (batches of 1000, inference mode), ``compile_seconds`` (first training call
@@ -31,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import resource
 import statistics
 import sys
@@ -77,6 +80,10 @@ flags.DEFINE_list('conv_sweep', [], 'Instead: time whole SimpleCNN training '
                   'steps with a conv impl per layer, e.g. '
                   '"im2col/im2col/im2col,shifted/im2col/im2col" (taking turns, '
                   'through Trainer.train_chunk; ours only).')
+flags.DEFINE_bool('profile', False, 'Instead: trace one training chunk of '
+                  'ours per model with jax.profiler and print the XLA ops '
+                  'that take the most time, with the layer each came from.')
+flags.DEFINE_integer('top_ops', 15, 'With --profile: how many ops to list.')
 flags.DEFINE_string('tfds_data_dir', '', 'TFDS data dir for --whole_run '
                     '(default: $TFDS_DATA_DIR or ../shared/tensorflow_datasets).')
 
@@ -472,6 +479,81 @@ def conv_sweep(s: dict[str, Any]) -> dict[str, Any]:
       **s, 'load_average_1min': os.getloadavg()[0]}}
 
 
+# Profile: where one training step's time goes ------------------------------
+def _hlo_sources(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """Instruction name -> (result shape, JAX op_name) of compiled HLO text."""
+  out = {}
+  for line in hlo_text.splitlines():
+    m = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ', line)
+    if m:
+      src = re.search(r'op_name="([^"]*)"', line)
+      out[m.group(1)] = (m.group(2), src.group(1) if src else '')
+  return out
+
+
+def _source(op_name: str) -> str:
+  """'forward|backward: <layer path>' from a JAX op_name."""
+  first, *more = op_name.split(':')  # Multi-output fusions list several.
+  direction = 'backward' if 'transpose(jvp(' in first else 'forward'
+  path = re.sub(r'^\(?.*?closed_call/', '', first)
+  path = re.sub(r'^(transpose\()?jvp\(\w+\)\)?/', '', path)
+  return f'{direction}: {path}' + (f' (+{len(more)} more)' if more else '')
+
+
+def profile(s: dict[str, Any]) -> dict[str, Any]:
+  """Per-op time of one traced training chunk of ours, per model.
+
+  Op times are XLA:CPU thunk events summed over the traced chunk and divided
+  by steps x devices: milliseconds per step on one device. They do not
+  include the time devices wait for each other (``sync_ms``: rendezvous and
+  waits), so ``op_ms`` + ``sync_ms`` is about one step's wall time.
+  """
+  import glob
+  import jax
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2  # TF is a dep.
+  n = s['steps'] * s['batch_size']
+  images, labels = synthetic_data(n)
+  data = (images, labels, synthetic_data(s['eval_batch_size'], seed=1)[0])
+  results: dict[str, Any] = {}
+  for model_name in s['models']:
+    runner = JaxRunner(model_name, s, data)
+    for _ in range(1 + s['warmup']):
+      runner.train()
+    with tempfile.TemporaryDirectory() as d:
+      jax.profiler.start_trace(d)
+      runner.train()
+      jax.profiler.stop_trace()
+      space = xplane_pb2.XSpace()
+      with open(glob.glob(f'{d}/**/*.xplane.pb', recursive=True)[0],
+                'rb') as f:
+        space.ParseFromString(f.read())
+    sources = _hlo_sources(runner.trainer.train_chunk.lower(
+        runner.state, runner.images, runner.labels,
+        runner.idx).compile().as_text())
+    per = s['steps'] * jax.device_count()
+    ops: dict[str, float] = {}
+    sync = 0.0
+    for plane in space.planes:
+      names = {k: v.name for k, v in plane.event_metadata.items()}
+      for line in plane.lines:
+        for ev in line.events:
+          name = names.get(ev.metadata_id, '')
+          ms = ev.duration_ps / 1e9 / per
+          if name in sources:
+            ops[name] = ops.get(name, 0.0) + ms
+          elif name.startswith(('Rendezvous', 'Wait:')):
+            sync += ms
+    top = sorted(ops.items(), key=lambda kv: -kv[1])[:FLAGS.top_ops]
+    results[model_name] = {
+        'op_ms': sum(ops.values()), 'sync_ms': sync,
+        'wall_ms_per_step': 1e3 * timed(runner.train) / s['steps'],
+        'top_ops': [{'op': k, 'ms': v, 'shape': sources[k][0],
+                     'source': _source(sources[k][1])} for k, v in top]}
+  results['settings'] = {**s, 'num_devices': jax.device_count(),
+                         'load_average_1min': os.getloadavg()[0]}
+  return results
+
+
 # Whole run: one real epoch, input loading included -----------------------------
 def default_data_dir() -> str:
   here = os.path.dirname(os.path.abspath(__file__))
@@ -583,6 +665,17 @@ def keras_recipe(data_dir: str, val_examples: int, s: dict[str, Any]
 
 # Output -----------------------------------------------------------------------
 def table(results: dict[str, Any]) -> str:
+  if FLAGS.profile:
+    rows = []
+    for model_name, r in results.items():
+      if model_name == 'settings':
+        continue
+      rows.append(f'{model_name}: ops {r["op_ms"]:.1f} ms + sync '
+                  f'{r["sync_ms"]:.1f} ms per step and device (wall '
+                  f'{r["wall_ms_per_step"]:.1f} ms per step)')
+      rows += [f'  {o["ms"]:6.2f} ms  {o["shape"][:30]:30s} {o["source"]}'
+               for o in r['top_ops']]
+    return '\n'.join(rows)
   if 'conv_sweep' in results:
     return '\n'.join(f'{spec:28s} {f["train_img_per_s"]:7.0f} img/s  compile '
                      f'{f["compile_seconds"]:.1f}s'
@@ -628,7 +721,9 @@ def main(argv: list[str]) -> None:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   configure_xla()
   s = settings()
-  if FLAGS.conv_sweep:
+  if FLAGS.profile:
+    results = profile(s)
+  elif FLAGS.conv_sweep:
     results = conv_sweep(s)
   elif FLAGS.whole_run:
     results = whole_run(s)

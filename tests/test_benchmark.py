@@ -79,3 +79,22 @@ def test_flagfile_config_reads_the_recipes():
               'simple_cnn', 2, 4e-3, 'onecycle', 2500, False)
   assert deep['batch_norm'] and deep['augment']
   assert deep['best_metric'] == 'val_loss' and deep['epochs'] == 18
+
+
+@pytest.mark.slow
+def test_profile_lists_the_ops_of_a_training_step():
+  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', 'CUDA_VISIBLE_DEVICES': ''}
+  proc = subprocess.run(
+      [sys.executable, str(REPO / 'experiments' / 'benchmark.py'), '--tiny',
+       '--profile', '--models=simple_cnn', '--top_ops=40', '--json'],
+      capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(proc.stdout)['simple_cnn']
+  assert _positive(r['op_ms']) and _positive(r['wall_ms_per_step'])
+  ops = r['top_ops']
+  assert 0 < len(ops) <= 40
+  assert all(_positive(o['ms']) for o in ops)
+  assert [o['ms'] for o in ops] == sorted((o['ms'] for o in ops), reverse=True)
+  sources = ' '.join(o['source'] for o in ops)
+  # Both directions of the model's own layers show up, by name.
+  assert 'forward: conv' in sources and 'backward: conv' in sources

@@ -12,6 +12,14 @@ import pytest
 
 from cnn_jax import conv
 
+
+@pytest.fixture(autouse=True)
+def _full_float32_matmuls():
+  """GPUs and TPUs multiply float32 in lower precision (TF32, bf16 passes) by
+  default, differently per algorithm; compare implementations at full."""
+  with jax.default_matmul_precision('highest'):
+    yield
+
 # (input shape NHWC, features, kernel size): 1, 3 and 32 input channels,
 # square and non-square kernels (even sizes make SAME padding asymmetric).
 CASES = [((2, 9, 9, 1), 4, (3, 3)),

@@ -10,6 +10,14 @@ from cnn_jax import models
 from cnn_jax.config import Config, CnnJaxError
 
 
+@pytest.fixture(autouse=True)
+def _full_float32_matmuls():
+  """GPUs and TPUs multiply float32 in lower precision (TF32, bf16 passes) by
+  default, differently per algorithm; compare implementations at full."""
+  with jax.default_matmul_precision('highest'):
+    yield
+
+
 def _intermediates(model, variables, x):
   _, state = model.apply(variables, x, train=False, capture_intermediates=True,
                          mutable=['intermediates'])
