@@ -543,6 +543,10 @@ def profile(s: dict[str, Any]) -> dict[str, Any]:
             ops[name] = ops.get(name, 0.0) + ms
           elif name.startswith(('Rendezvous', 'Wait:')):
             sync += ms
+    if not ops:
+      raise SystemExit('error: --profile found no XLA:CPU op events in the '
+                       f'trace (backend {jax.default_backend()!r}); it reads '
+                       'CPU traces only')
     top = sorted(ops.items(), key=lambda kv: -kv[1])[:FLAGS.top_ops]
     results[model_name] = {
         'op_ms': sum(ops.values()), 'sync_ms': sync,
