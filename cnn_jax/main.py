@@ -14,7 +14,6 @@ given on the command line taking precedence.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging as std_logging
 import os
@@ -25,6 +24,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags, logging  # noqa: E402
 
+from cnn_jax import config_flags  # noqa: E402
 from cnn_jax.config import Config, CnnJaxError, validate  # noqa: E402
 
 MODES = ('train', 'eval', 'analyze', 'predict', 'export')
@@ -58,25 +58,8 @@ _SAVE_PREPROCESSED = flags.DEFINE_string(
     'save_preprocessed', None,
     'predict: folder for PNGs of each preprocessed input beside its '
     'prediction.')
-
-
-def _define_config_flags() -> None:
-  """One flag per Config field, with the field's help text."""
-  definers = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
-              float: flags.DEFINE_float, str: flags.DEFINE_string}
-  hints = {'bool': bool, 'int': int, 'float': float, 'str': str}
-  for f in dataclasses.fields(Config):
-    definers[hints[f.type]](f.name, f.default, f.metadata['help'])
-
-
-_define_config_flags()
+config_flags.define_config_flags()
 FLAGS = flags.FLAGS
-
-
-def config_from_flags() -> Config:
-  """The Config given by the command line's flags (and flagfiles)."""
-  return validate(Config(**{f.name: FLAGS[f.name].value
-                            for f in dataclasses.fields(Config)}))
 
 
 def saved_config(workdir: str) -> Config:
@@ -140,7 +123,8 @@ def run(argv: Sequence[str]) -> int:
 
   from cnn_jax import train  # Imports JAX; deferred past flag errors.
   if mode == 'train':
-    results = train.train_and_evaluate(config_from_flags(), workdir)
+    results = train.train_and_evaluate(config_flags.config_from_flags(),
+                                       workdir)
     _print_json(results)
     return 0
   config = saved_config(workdir)

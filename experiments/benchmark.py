@@ -29,7 +29,6 @@ and warm-up added).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -42,6 +41,9 @@ import time
 from typing import Any, Callable
 
 from absl import app, flags
+
+# cnn_jax.config imports no JAX, so XLA flags can still be set after this.
+from cnn_jax import config as config_lib
 
 FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,12 +58,11 @@ flags.DEFINE_float('learning_rate', 1e-3, 'Adam learning rate.')
 flags.DEFINE_list('peers', ['keras', 'torch'],
                   'Other frameworks to time (keras, torch); ones that are not '
                   'installed are skipped.')
-flags.DEFINE_enum('conv_impl', 'auto',
-                  ['xla', 'im2col', 'im2col_t', 'shifted', 'auto'],
+flags.DEFINE_enum('conv_impl', 'auto', config_lib.CONV_IMPLS,
                   'cnn_jax convolution implementation.')
-flags.DEFINE_enum('pool_impl', 'auto', ['reduce_window', 'mask_grad', 'auto'],
+flags.DEFINE_enum('pool_impl', 'auto', config_lib.POOL_IMPLS,
                   'cnn_jax max-pool implementation.')
-flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+flags.DEFINE_enum('dtype', 'float32', config_lib.DTYPES,
                   'cnn_jax compute dtype.')
 flags.DEFINE_integer('host_devices', 0, 'If > 0, split the CPU into this many '
                      'XLA host devices (data parallel over the Trainer mesh).')
@@ -129,8 +130,9 @@ def settings() -> dict[str, Any]:
            eval_examples=FLAGS.eval_examples,
            eval_batch_size=FLAGS.eval_batch_size,
            learning_rate=FLAGS.learning_rate, conv_impl=FLAGS.conv_impl,
-           pool_impl=FLAGS.pool_impl, dtype=FLAGS.dtype, peers=[p for p in FLAGS.peers if p])
-  unknown = ([m for m in s['models'] if m not in ('simple_cnn', 'deep_cnn')]
+           pool_impl=FLAGS.pool_impl, dtype=FLAGS.dtype,
+           peers=[p for p in FLAGS.peers if p])
+  unknown = ([m for m in s['models'] if m not in config_lib.MODELS]
              + [p for p in s['peers'] if p not in RUNNERS])
   if unknown:
     raise SystemExit(f'error: unknown --models/--peers entries: {unknown}')
@@ -148,7 +150,7 @@ class JaxRunner:
 
   def __init__(self, model_name: str, s: dict[str, Any], data: tuple):
     import jax
-    from cnn_jax import config as config_lib, models, train
+    from cnn_jax import models, train
     self.jax = jax
     self.config = config_lib.Config(
         model=model_name, batch_size=s['batch_size'], optimizer='adam',
@@ -441,7 +443,7 @@ def per_layer_simple_cnn(impls: tuple[str, ...]):
 def conv_sweep(s: dict[str, Any]) -> dict[str, Any]:
   """Training img/s of SimpleCNN for each per-layer impl choice, in turns."""
   import jax
-  from cnn_jax import config as config_lib, train
+  from cnn_jax import train
   n = s['steps'] * s['batch_size']
   images, labels = synthetic_data(n)
   config = config_lib.Config(batch_size=s['batch_size'],
@@ -569,27 +571,6 @@ def default_data_dir() -> str:
                    '--tfds_data_dir')
 
 
-def flagfile_config(path: str, **overrides: Any):
-  """A `Config` from a flagfile of ``--name=value`` / ``--[no]name`` lines."""
-  from cnn_jax import config as config_lib
-  fields = {f.name: f for f in dataclasses.fields(config_lib.Config)}
-  values: dict[str, Any] = {}
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if not line.startswith('--'):
-        continue
-      name, _, text = line[2:].partition('=')
-      if not text and name not in fields and name.startswith('no'):
-        values[name[2:]] = False
-        continue
-      kind = type(fields[name].default)
-      values[name] = (True if not text else
-                      text.lower() in ('1', 'true') if kind is bool else
-                      kind(text))
-  return config_lib.validate(config_lib.Config(**{**values, **overrides}))
-
-
 def whole_run(s: dict[str, Any]) -> dict[str, Any]:
   """Real MNIST, input to test accuracy: ours vs the Keras recipe.
 
@@ -599,11 +580,11 @@ def whole_run(s: dict[str, Any]) -> dict[str, Any]:
   """
   data_dir = default_data_dir()
   out: dict[str, Any] = {}
-  from cnn_jax import config as config_lib, train
+  from cnn_jax import config_flags, train
   if FLAGS.fast:
-    config = flagfile_config(os.path.join(REPO, 'experiments', 'configs',
-                                          'fast.flags'),
-                             tfds_data_dir=data_dir, download=False)
+    config = config_flags.config_from_flagfile(
+        os.path.join(REPO, 'experiments', 'configs', 'fast.flags'),
+        tfds_data_dir=data_dir, download=False)
   else:
     config = config_lib.Config(
         model='simple_cnn', epochs=1, batch_size=s['batch_size'],

@@ -60,27 +60,6 @@ def test_tiny_json_is_complete_and_positive(tiny_results):
   assert tiny_results['simple_cnn']['num_params'] == 93_322
 
 
-def test_flagfile_config_reads_the_recipes():
-  # In a fresh process: the script defines absl flags that cnn_jax.main has.
-  code = (
-      'import json, sys; sys.argv = ["b"]; '
-      'import importlib.util as u; '
-      f's = u.spec_from_file_location("b", {str(REPO / "experiments" / "benchmark.py")!r}); '
-      'b = u.module_from_spec(s); s.loader.exec_module(b); '
-      f'd = {str(REPO / "experiments" / "configs")!r}; '
-      'print(json.dumps([b.flagfile_config(d + "/" + n + ".flags").to_json() '
-      'for n in ("fast", "deep_cnn")]))')
-  proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                        text=True, timeout=120, cwd=REPO)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  fast, deep = (json.loads(c) for c in json.loads(proc.stdout))
-  assert (fast['model'], fast['epochs'], fast['learning_rate'],
-          fast['lr_schedule'], fast['eval_batch_size'], fast['augment']) == (
-              'simple_cnn', 2, 4e-3, 'onecycle', 2500, False)
-  assert deep['batch_norm'] and deep['augment']
-  assert deep['best_metric'] == 'val_loss' and deep['epochs'] == 18
-
-
 @pytest.mark.slow
 def test_profile_lists_the_ops_of_a_training_step():
   env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', 'CUDA_VISIBLE_DEVICES': ''}

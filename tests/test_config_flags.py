@@ -1,0 +1,37 @@
+"""`cnn_jax.config_flags`: Config <-> absl flags, and flagfiles read by absl."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from absl import flags
+
+from cnn_jax import config_flags
+from cnn_jax.config import Config
+from conftest import REPO
+
+CONFIGS = REPO / 'experiments' / 'configs'
+
+
+def test_flagfile_config_reads_the_recipes():
+  before = set(flags.FLAGS)
+  fast = config_flags.config_from_flagfile(str(CONFIGS / 'fast.flags'))
+  deep = config_flags.config_from_flagfile(str(CONFIGS / 'deep_cnn.flags'))
+  assert (fast.model, fast.epochs, fast.learning_rate, fast.lr_schedule,
+          fast.eval_batch_size, fast.augment) == (
+              'simple_cnn', 2, 4e-3, 'onecycle', 2500, False)
+  assert deep.batch_norm and deep.augment
+  assert deep.best_metric == 'val_loss' and deep.epochs == 18
+  # Parsed privately: the process's own flags are left alone.
+  assert set(flags.FLAGS) == before
+
+
+def test_overrides_and_defaults():
+  config = config_flags.config_from_flagfile(
+      str(CONFIGS / 'fast.flags'), tfds_data_dir='/data', download=False)
+  assert (config.tfds_data_dir, config.download) == ('/data', False)
+  fv = flags.FlagValues()
+  config_flags.define_config_flags(fv)
+  fv(['prog'])
+  assert config_flags.config_from_flags(fv) == Config()
+  assert {f.name for f in dataclasses.fields(Config)} <= set(fv)
