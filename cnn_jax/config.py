@@ -26,7 +26,7 @@ MODELS = ('simple_cnn', 'deep_cnn')
 OPTIMIZERS = ('adam', 'adamw', 'sgd', 'nesterov', 'rmsprop')
 SCHEDULES = ('constant', 'cosine', 'onecycle', 'step')
 DTYPES = ('float32', 'bfloat16')
-CONV_IMPLS = ('xla', 'im2col', 'im2col_t', 'shifted', 'auto')
+CONV_IMPLS = ('xla', 'im2col', 'im2col_t', 'shifted', 'hybrid', 'auto')
 POOL_IMPLS = ('reduce_window', 'mask_grad', 'auto')
 BEST_METRICS = ('val_accuracy', 'val_loss')
 

@@ -81,7 +81,7 @@ def test_outputs_and_gradients_match_nn_conv(impl, padding, case):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('impl', ['im2col', 'im2col_t', 'shifted'])
+@pytest.mark.parametrize('impl', ['im2col', 'im2col_t', 'shifted', 'hybrid'])
 def test_bfloat16_compute_keeps_float32_params(impl):
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 6, 3))
   ours = conv.Conv(4, padding='SAME', impl=impl, dtype=jnp.bfloat16)
@@ -95,15 +95,20 @@ def test_bfloat16_compute_keeps_float32_params(impl):
 
 
 def test_resolve_impl():
-  for impl in ('xla', 'im2col', 'im2col_t', 'shifted'):
-    assert conv.resolve_impl(impl) == conv.resolve_impl(impl, 1) == impl
+  for impl in ('xla', 'im2col', 'im2col_t', 'shifted', 'hybrid'):
+    assert conv.resolve_impl(impl) == conv.resolve_impl(impl, 1, 576) == impl
   if jax.default_backend() == 'cpu':
-    # Per layer: transposed patches for the few-channel first layer, im2col
-    # after.
-    assert conv.resolve_impl('auto', 1) == 'im2col_t'
+    # Per layer: transposed patches for the few-channel first layer, the
+    # hybrid for larger outputs after it, im2col for the small ones.
+    assert conv.resolve_impl('auto', 1, 676) == 'im2col_t'
+    assert conv.resolve_impl('auto', 32, 576) == 'hybrid'
+    assert conv.resolve_impl('auto', 32, 121) == 'im2col'
+    assert conv.resolve_impl('auto', 32, 100, use_bias=False) == 'hybrid'
+    assert conv.resolve_impl('auto', 64, 64, use_bias=False) == 'im2col'
     assert conv.resolve_impl('auto', 32) == conv.resolve_impl('auto') == 'im2col'
   else:
     assert conv.resolve_impl('auto', 1) == conv.resolve_impl('auto') == 'xla'
+    assert conv.resolve_impl('auto', 32, 576) == 'xla'
   with pytest.raises(ValueError, match='unknown conv implementation'):
     conv.resolve_impl('winograd')
 
@@ -112,3 +117,25 @@ def test_rejects_unsupported_padding():
   x = jnp.zeros((1, 5, 5, 1))
   with pytest.raises(ValueError, match='padding'):
     conv.conv2d(x, jnp.zeros((3, 3, 1, 2)), padding='CIRCULAR', impl='im2col')
+
+
+@pytest.mark.parametrize('impl', ['hybrid', 'im2col'])
+def test_gradients_inside_a_scan_match_nn_conv(impl):
+  """The Trainer runs its steps in `lax.scan`, where XLA:CPU compiles some
+  convolutions differently; the custom VJP must give the same there."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 12, 11, 16))
+  ours = conv.Conv(8, impl=impl, use_bias=False)
+  ref = nn.Conv(8, (3, 3), padding='VALID', use_bias=False)
+  params = ref.init(jax.random.PRNGKey(1), x[0])
+
+  def summed_grads(module):
+    def body(acc, xi):
+      g = jax.grad(lambda p, xi: jnp.sum(jnp.tanh(module.apply(p, xi))),
+                   argnums=(0, 1))(params, xi)
+      return jax.tree_util.tree_map(jnp.add, acc, g), None
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, (params, x[0]))
+    return jax.jit(lambda x: jax.lax.scan(body, zeros, x)[0])(x)
+
+  for a, b in zip(jax.tree_util.tree_leaves(summed_grads(ours)),
+                  jax.tree_util.tree_leaves(summed_grads(ref)), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
