@@ -75,6 +75,20 @@ def _max_pool_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
 _max_pool_mask_grad.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
+def _relu_then_pool(module: nn.Module, x: jax.Array, name: str,
+                    pool_impl: str) -> jax.Array:
+  """``max_pool(relu(x))``, computed as ``relu(max_pool(x))``.
+
+  ReLU is monotonic, so it commutes with taking a maximum: same values and
+  gradients, with the ReLU and its gradient on a quarter of the elements
+  (~5% of a SimpleCNN training step on CPU). The full-size ReLU output is
+  still sown as ``name`` for feature-map analysis; when intermediates are
+  not collected, XLA drops it.
+  """
+  module.sow('intermediates', name, nn.relu(x))
+  return nn.relu(max_pool_2x2(x, pool_impl))
+
+
 class SimpleCNN(nn.Module):
   """The seed model: 3 VALID 3x3 convs (32, 64, 64), 2 max-pools, 2 denses.
 
@@ -95,11 +109,12 @@ class SimpleCNN(nn.Module):
     for i, features in enumerate(self.features, start=1):
       x = Conv(features, padding='VALID', impl=self.conv_impl,
                dtype=self.dtype, name=f'conv{i}')(x)
-      x = nn.relu(x)
-      self.sow('intermediates', f'conv{i}_relu', x)
       if i < len(self.features):
-        x = max_pool_2x2(x, self.pool_impl)
+        x = _relu_then_pool(self, x, f'conv{i}_relu', self.pool_impl)
         self.sow('intermediates', f'pool{i}', x)
+      else:
+        x = nn.relu(x)
+        self.sow('intermediates', f'conv{i}_relu', x)
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(self.dense_features, dtype=self.dtype,
                          name='dense1')(x))
@@ -139,9 +154,11 @@ class DeepCNN(nn.Module):
         tag = f'{s}_{c}'
         x = Conv(features, padding='VALID', use_bias=not self.batch_norm,
                  impl=self.conv_impl, dtype=self.dtype, name=f'conv{tag}')(x)
-        x = nn.relu(self._norm(x, train, f'bn{tag}'))
-        self.sow('intermediates', f'conv{tag}_relu', x)
-      x = max_pool_2x2(x, self.pool_impl)
+        x = self._norm(x, train, f'bn{tag}')
+        if c < self.convs_per_stage:
+          x = nn.relu(x)
+          self.sow('intermediates', f'conv{tag}_relu', x)
+      x = _relu_then_pool(self, x, f'conv{tag}_relu', self.pool_impl)
       self.sow('intermediates', f'pool{s}', x)
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1))

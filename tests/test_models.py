@@ -63,11 +63,18 @@ def test_simple_cnn_params_match_a_plain_flax_reference():
 
   x = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
   ref_vars = Reference().init(jax.random.PRNGKey(0), x)
-  for impl in ('xla', 'im2col', 'shifted'):
+  loss = lambda m: lambda v: jnp.sum(jnp.sin(m.apply(v, x)))
+  ref_grads = jax.grad(loss(Reference()))(ref_vars)
+  for impl in ('xla', 'im2col', 'shifted', 'hybrid', 'auto'):
     model = models.create_model(Config(conv_impl=impl), 10)
     np.testing.assert_allclose(model.apply(ref_vars, x),
                                Reference().apply(ref_vars, x),
                                rtol=1e-4, atol=1e-5, err_msg=impl)
+    # The model pools before its ReLU (they commute): same gradients too.
+    grads = jax.grad(loss(model))(ref_vars)
+    for a, b in zip(jax.tree_util.tree_leaves(grads),
+                    jax.tree_util.tree_leaves(ref_grads), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=impl)
 
 
 def test_deep_cnn_batch_stats_update_only_in_train_mode():
