@@ -66,9 +66,10 @@ class Config:
   batch_norm: bool = _f(True, 'deep_cnn: use batch normalization.')
   dropout_rate: float = _f(0.25, 'deep_cnn: dropout rate after conv stages '
                            'and the hidden dense layer.')
-  conv_impl: str = _f('auto', f'Convolution kernel: {", ".join(CONV_IMPLS)}. '
-                      'All give the same parameters; auto picks the fastest '
-                      'per layer for the backend.')
+  conv_impl: str = _f('auto', f'Convolution kernel: {", ".join(CONV_IMPLS)}, '
+                      'or one per conv layer joined by "/" (e.g. '
+                      'im2col_t/hybrid/im2col). All give the same parameters; '
+                      'auto picks the fastest per layer for the backend.')
   pool_impl: str = _f('auto', f'Max-pool kernel: {", ".join(POOL_IMPLS)}. Same '
                       'forward values; mask_grad has a faster gradient on CPU '
                       '(auto picks it there).')
@@ -119,12 +120,15 @@ def validate(config: Config) -> Config:
 
   choices = {'model': MODELS, 'optimizer': OPTIMIZERS,
              'lr_schedule': SCHEDULES, 'dtype': DTYPES,
-             'conv_impl': CONV_IMPLS, 'pool_impl': POOL_IMPLS,
-             'best_metric': BEST_METRICS}
+             'pool_impl': POOL_IMPLS, 'best_metric': BEST_METRICS}
   for name, allowed in choices.items():
     value = getattr(config, name)
     if value not in allowed:
       bad(f'unknown --{name}={value!r}; choose one of: {", ".join(allowed)}')
+  for impl in config.conv_impl.split('/'):
+    if impl not in CONV_IMPLS:
+      bad(f'unknown --conv_impl={config.conv_impl!r} ({impl!r}); choose one '
+          f'of: {", ".join(CONV_IMPLS)}, or one per conv layer joined by "/"')
   for name in ('epochs', 'batch_size', 'eval_batch_size', 'log_every_steps'):
     if getattr(config, name) <= 0:
       bad(f'--{name} must be a positive integer, got {getattr(config, name)}')

@@ -89,10 +89,22 @@ def _relu_then_pool(module: nn.Module, x: jax.Array, name: str,
   return nn.relu(max_pool_2x2(x, pool_impl))
 
 
+def layer_conv_impls(conv_impl: str, num_convs: int) -> tuple[str, ...]:
+  """Per-layer conv impls from ``'auto'``-style names or ``'a/b/c'`` lists."""
+  impls = tuple(conv_impl.split('/'))
+  if len(impls) == 1:
+    return impls * num_convs
+  if len(impls) != num_convs:
+    raise CnnJaxError(f'--conv_impl={conv_impl!r} names {len(impls)} '
+                      f'implementations; the model has {num_convs} conv layers')
+  return impls
+
+
 class SimpleCNN(nn.Module):
   """The seed model: 3 VALID 3x3 convs (32, 64, 64), 2 max-pools, 2 denses.
 
   With the default widths on 28x28x1 inputs it has exactly 93,322 params.
+  ``conv_impl`` is one implementation name or one per conv layer ('a/b/c').
   """
 
   num_classes: int = 10
@@ -102,13 +114,18 @@ class SimpleCNN(nn.Module):
   pool_impl: str = 'auto'
   dtype: Any = jnp.float32
 
+  @property
+  def num_convs(self) -> int:
+    return len(self.features)
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     del train  # No train/eval difference in this model.
     x = x.astype(self.dtype)
-    for i, features in enumerate(self.features, start=1):
-      x = Conv(features, padding='VALID', impl=self.conv_impl,
-               dtype=self.dtype, name=f'conv{i}')(x)
+    impls = layer_conv_impls(self.conv_impl, self.num_convs)
+    for i, (features, impl) in enumerate(zip(self.features, impls), start=1):
+      x = Conv(features, padding='VALID', impl=impl, dtype=self.dtype,
+               name=f'conv{i}')(x)
       if i < len(self.features):
         x = _relu_then_pool(self, x, f'conv{i}_relu', self.pool_impl)
         self.sow('intermediates', f'pool{i}', x)
@@ -140,6 +157,10 @@ class DeepCNN(nn.Module):
   pool_impl: str = 'auto'
   dtype: Any = jnp.float32
 
+  @property
+  def num_convs(self) -> int:
+    return len(self.stage_features) * self.convs_per_stage
+
   def _norm(self, x: jax.Array, train: bool, name: str) -> jax.Array:
     if not self.batch_norm:
       return x
@@ -149,11 +170,12 @@ class DeepCNN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = x.astype(self.dtype)
+    impls = iter(layer_conv_impls(self.conv_impl, self.num_convs))
     for s, features in enumerate(self.stage_features, start=1):
       for c in range(1, self.convs_per_stage + 1):
         tag = f'{s}_{c}'
         x = Conv(features, padding='VALID', use_bias=not self.batch_norm,
-                 impl=self.conv_impl, dtype=self.dtype, name=f'conv{tag}')(x)
+                 impl=next(impls), dtype=self.dtype, name=f'conv{tag}')(x)
         x = self._norm(x, train, f'bn{tag}')
         if c < self.convs_per_stage:
           x = nn.relu(x)
@@ -204,16 +226,19 @@ def create_model(config: Config, num_classes: int) -> nn.Module:
     raise CnnJaxError(f'unknown --model={config.model!r}; choose one of: '
                       f'{", ".join(MODEL_REGISTRY)}')
   dtype = jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32
-  return MODEL_REGISTRY[config.model](config, num_classes, dtype)
+  model = MODEL_REGISTRY[config.model](config, num_classes, dtype)
+  layer_conv_impls(config.conv_impl, model.num_convs)  # Fail now, not at init.
+  return model
 
 
 def for_inference(model: nn.Module) -> nn.Module:
   """The same model (same params) for forward-only passes: eval, predict.
 
-  With ``conv_impl='auto'`` training on CPU uses im2col convs,
+  With ``conv_impl='auto'`` training on CPU uses im2col or hybrid convs,
   because XLA:CPU's kernel gradient of its own convolution is very slow
-  inside ``lax.scan``; without gradients XLA's convolution is the fastest
-  (3x eval throughput for SimpleCNN here, experiments/PERFORMANCE.md).
+  inside ``lax.scan``; without gradients XLA's plain convolution is the
+  fastest (3x eval throughput for SimpleCNN here, and ~2x the hybrid's
+  padded forward; experiments/PERFORMANCE.md). Per-layer lists are kept.
   """
   if getattr(model, 'conv_impl', None) == 'auto':
     return model.clone(conv_impl='xla')

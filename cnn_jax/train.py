@@ -397,6 +397,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   reproduces the uninterrupted run.
   """
   _check_workdir(config, workdir)
+  models.create_model(config, 1)  # A bad model spec fails before data loads.
   data = input_pipeline.load(config)
   info = data.info
   model, trainer = build(config, info)

@@ -13,8 +13,8 @@ repeat, so load from other processes hits them alike; medians are reported.
   python experiments/benchmark.py --conv_impl=im2col --peers=     # ours only
   python experiments/benchmark.py --host_devices=2 --single_thread
   python experiments/benchmark.py --whole_run --tfds_data_dir=DIR  # 1 epoch
-  python experiments/benchmark.py --conv_sweep=im2col/im2col/im2col,\
-      shifted/im2col/im2col --steps=10 --repeats=9   # per-layer conv impls
+  python experiments/benchmark.py --models=deep_cnn --conv_sweep=auto,\
+      im2col_t/hybrid/im2col/im2col --steps=10 --repeats=9  # per-layer convs
   python experiments/benchmark.py --profile --host_devices=2 --single_thread
                                    # where ours spends a training step
 
@@ -58,8 +58,9 @@ flags.DEFINE_float('learning_rate', 1e-3, 'Adam learning rate.')
 flags.DEFINE_list('peers', ['keras', 'torch'],
                   'Other frameworks to time (keras, torch); ones that are not '
                   'installed are skipped.')
-flags.DEFINE_enum('conv_impl', 'auto', config_lib.CONV_IMPLS,
-                  'cnn_jax convolution implementation.')
+flags.DEFINE_string('conv_impl', 'auto', 'cnn_jax convolution '
+                    f'implementation: {", ".join(config_lib.CONV_IMPLS)}, or '
+                    'one per conv layer joined by "/".')
 flags.DEFINE_enum('pool_impl', 'auto', config_lib.POOL_IMPLS,
                   'cnn_jax max-pool implementation.')
 flags.DEFINE_enum('dtype', 'float32', config_lib.DTYPES,
@@ -77,10 +78,10 @@ flags.DEFINE_bool('whole_run', False, 'Instead: time one whole epoch of '
 flags.DEFINE_bool('fast', False, 'With --whole_run: ours runs '
                   'experiments/configs/fast.flags, Keras its tutorial recipe '
                   '(batch 64, 3 epochs): time to 99% test accuracy.')
-flags.DEFINE_list('conv_sweep', [], 'Instead: time whole SimpleCNN training '
-                  'steps with a conv impl per layer, e.g. '
-                  '"im2col/im2col/im2col,shifted/im2col/im2col" (taking turns, '
-                  'through Trainer.train_chunk; ours only).')
+flags.DEFINE_list('conv_sweep', [], 'Instead: time whole training steps of '
+                  'the first of --models for each --conv_impl value listed, '
+                  'e.g. "auto,im2col_t/im2col/im2col" (taking turns, through '
+                  'Trainer.train_chunk; ours only).')
 flags.DEFINE_bool('profile', False, 'Instead: trace one training chunk of '
                   'ours per model with jax.profiler and print the XLA ops '
                   'that take the most time, with the layer each came from.')
@@ -132,6 +133,10 @@ def settings() -> dict[str, Any]:
            learning_rate=FLAGS.learning_rate, conv_impl=FLAGS.conv_impl,
            pool_impl=FLAGS.pool_impl, dtype=FLAGS.dtype,
            peers=[p for p in FLAGS.peers if p])
+  try:
+    config_lib.validate(config_lib.Config(conv_impl=s['conv_impl']))
+  except config_lib.CnnJaxError as e:
+    raise SystemExit(f'error: {e}')
   unknown = ([m for m in s['models'] if m not in config_lib.MODELS]
              + [p for p in s['peers'] if p not in RUNNERS])
   if unknown:
@@ -416,44 +421,22 @@ def benchmark(s: dict[str, Any]) -> dict[str, Any]:
 
 
 # Conv sweep: one impl per layer, whole training steps -------------------------
-def per_layer_simple_cnn(impls: tuple[str, ...]):
-  """SimpleCNN (same layers and param tree) with a conv impl per layer."""
-  import flax.linen as nn
-  import jax.numpy as jnp
-  from cnn_jax.conv import Conv
-  from cnn_jax.models import max_pool_2x2
-
-  class PerLayerSimpleCNN(nn.Module):
-    impls: tuple[str, ...]
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-      del train
-      for i, (features, impl) in enumerate(zip((32, 64, 64), self.impls), 1):
-        x = nn.relu(Conv(features, impl=impl, name=f'conv{i}')(x))
-        if i < 3:
-          x = max_pool_2x2(x)
-      x = x.reshape((x.shape[0], -1))
-      x = nn.relu(nn.Dense(64, name='dense1')(x))
-      return nn.Dense(NUM_CLASSES, name='logits')(x).astype(jnp.float32)
-
-  return PerLayerSimpleCNN(impls)
-
-
 def conv_sweep(s: dict[str, Any]) -> dict[str, Any]:
-  """Training img/s of SimpleCNN for each per-layer impl choice, in turns."""
+  """Training img/s of the first model for each conv_impl choice, in turns."""
   import jax
-  from cnn_jax import train
+  from cnn_jax import models, train
   n = s['steps'] * s['batch_size']
   images, labels = synthetic_data(n)
-  config = config_lib.Config(batch_size=s['batch_size'],
-                             learning_rate=s['learning_rate'])
   runs = {}
   for spec in FLAGS.conv_sweep:
-    impls = tuple(spec.split('/'))
-    if len(impls) != 3:
-      raise SystemExit(f'error: --conv_sweep entry {spec!r} needs 3 impls')
-    model = per_layer_simple_cnn(impls)
+    config = config_lib.Config(
+        model=s['models'][0], batch_size=s['batch_size'], optimizer='adam',
+        learning_rate=s['learning_rate'], conv_impl=spec,
+        pool_impl=s['pool_impl'], dtype=s['dtype'])
+    try:
+      model = models.create_model(config_lib.validate(config), NUM_CLASSES)
+    except config_lib.CnnJaxError as e:
+      raise SystemExit(f'error: --conv_sweep entry {spec!r}: {e}')
     trainer = train.Trainer(config, model, NUM_CLASSES)
     box = {'state': jax.device_put(train.create_train_state(
         config, model, IMAGE_SHAPE, s['steps']), trainer.replicated)}

@@ -77,3 +77,29 @@ def test_profile_lists_the_ops_of_a_training_step():
   sources = ' '.join(o['source'] for o in ops)
   # Both directions of the model's own layers show up, by name.
   assert 'forward: conv' in sources and 'backward: conv' in sources
+
+
+def _benchmark(*args: str) -> subprocess.CompletedProcess:
+  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', 'CUDA_VISIBLE_DEVICES': ''}
+  return subprocess.run(
+      [sys.executable, str(REPO / 'experiments' / 'benchmark.py'), '--tiny',
+       *args], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+
+
+@pytest.mark.slow
+def test_conv_sweep_times_each_per_layer_choice_of_the_model():
+  specs = ['auto', 'im2col_t/hybrid/im2col/im2col']
+  proc = _benchmark('--models=deep_cnn', f'--conv_sweep={",".join(specs)}',
+                    '--json')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  sweep = json.loads(proc.stdout)['conv_sweep']
+  assert list(sweep) == specs
+  assert all(_positive(f['train_img_per_s']) for f in sweep.values())
+
+
+def test_conv_sweep_rejects_a_wrong_layer_count_in_one_line():
+  proc = _benchmark('--models=simple_cnn', '--conv_sweep=im2col/im2col')
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: --conv_sweep entry 'im2col/im2col': --conv_impl='im2col/im2col' "
+      'names 2 implementations; the model has 3 conv layers')

@@ -136,6 +136,21 @@ def test_bfloat16_compute_keeps_float32_params():
   assert model.apply(variables, jnp.ones((2, 28, 28, 1))).dtype == jnp.float32
 
 
+@pytest.mark.parametrize('name,per_layer', [
+    ('simple_cnn', 'im2col_t/hybrid/im2col'),
+    ('deep_cnn', 'im2col_t/hybrid/shifted/xla')])
+def test_per_layer_conv_impls_give_the_same_model(name, per_layer):
+  model = models.create_model(Config(model=name, conv_impl=per_layer), 10)
+  ref = models.create_model(Config(model=name, conv_impl='xla'), 10)
+  variables = models.init_variables(ref, jax.random.PRNGKey(0), (28, 28, 1))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 28, 28, 1))
+  np.testing.assert_allclose(model.apply(variables, x),
+                             ref.apply(variables, x), rtol=1e-4, atol=1e-5)
+  with pytest.raises(CnnJaxError, match='names 2 implementations; the model '
+                     f'has {model.num_convs} conv layers'):
+    models.create_model(Config(model=name, conv_impl='xla/xla'), 10)
+
+
 def test_unknown_model_is_a_clear_error():
   with pytest.raises(CnnJaxError, match='unknown --model'):
     models.create_model(Config(model='resnet9000'), 10)
