@@ -18,8 +18,8 @@ def _full_float32_matmuls():
     yield
 
 
-def _intermediates(model, variables, x):
-  _, state = model.apply(variables, x, train=False, capture_intermediates=True,
+def _intermediates(model, variables, x, train=False):
+  _, state = model.apply(variables, x, train=train, capture_intermediates=True,
                          mutable=['intermediates'])
   out = {}
   for name, value in state['intermediates'].items():
@@ -40,12 +40,16 @@ def test_simple_cnn_has_exactly_93322_params_and_layer_shapes():
       'dense1': {'kernel': (576, 64), 'bias': (64,)},
       'logits': {'kernel': (64, 10), 'bias': (10,)},
   }
-  acts = _intermediates(model, variables, jnp.zeros((2, 28, 28, 1)))
   expected = {'conv1': (2, 26, 26, 32), 'pool1': (2, 13, 13, 32),
-              'conv2': (2, 11, 11, 64), 'pool2': (2, 5, 5, 64),
-              'conv3': (2, 3, 3, 64), 'dense1': (2, 64), 'logits': (2, 10)}
-  for name, shape in expected.items():
-    assert acts[name].shape == shape, name
+              'conv2': (2, 11, 11, 64), 'conv2_relu': (2, 11, 11, 64),
+              'pool2': (2, 5, 5, 64), 'conv3': (2, 3, 3, 64),
+              'dense1': (2, 64), 'logits': (2, 10)}
+  # Collected feature maps are whole, in training too (where conv2 would
+  # otherwise skip the row and column its pool drops).
+  for train in (False, True):
+    acts = _intermediates(model, variables, jnp.zeros((2, 28, 28, 1)), train)
+    for name, shape in expected.items():
+      assert acts[name].shape == shape, name
 
 
 def test_simple_cnn_params_match_a_plain_flax_reference():
@@ -63,18 +67,20 @@ def test_simple_cnn_params_match_a_plain_flax_reference():
 
   x = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
   ref_vars = Reference().init(jax.random.PRNGKey(0), x)
-  loss = lambda m: lambda v: jnp.sum(jnp.sin(m.apply(v, x)))
+  loss = lambda m, **kw: lambda v: jnp.sum(jnp.sin(m.apply(v, x, **kw)))
   ref_grads = jax.grad(loss(Reference()))(ref_vars)
   for impl in ('xla', 'im2col', 'shifted', 'hybrid', 'auto'):
     model = models.create_model(Config(conv_impl=impl), 10)
-    np.testing.assert_allclose(model.apply(ref_vars, x),
-                               Reference().apply(ref_vars, x),
-                               rtol=1e-4, atol=1e-5, err_msg=impl)
-    # The model pools before its ReLU (they commute): same gradients too.
-    grads = jax.grad(loss(model))(ref_vars)
-    for a, b in zip(jax.tree_util.tree_leaves(grads),
-                    jax.tree_util.tree_leaves(ref_grads), strict=True):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=impl)
+    # In training conv2 skips the row and column its pool drops.
+    for train in (False, True):
+      np.testing.assert_allclose(model.apply(ref_vars, x, train=train),
+                                 Reference().apply(ref_vars, x),
+                                 rtol=1e-4, atol=1e-5, err_msg=impl)
+      # It pools before its ReLU (they commute): same gradients too.
+      grads = jax.grad(loss(model, train=train))(ref_vars)
+      for a, b in zip(jax.tree_util.tree_leaves(grads),
+                      jax.tree_util.tree_leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=impl)
 
 
 def test_deep_cnn_batch_stats_update_only_in_train_mode():
