@@ -423,30 +423,16 @@ def benchmark(s: dict[str, Any]) -> dict[str, Any]:
 # Conv sweep: one impl per layer, whole training steps -------------------------
 def conv_sweep(s: dict[str, Any]) -> dict[str, Any]:
   """Training img/s of the first model for each conv_impl choice, in turns."""
-  import jax
-  from cnn_jax import models, train
   n = s['steps'] * s['batch_size']
   images, labels = synthetic_data(n)
+  data = (images, labels, images[:s['eval_batch_size']])  # No eval timed.
   runs = {}
   for spec in FLAGS.conv_sweep:
-    config = config_lib.Config(
-        model=s['models'][0], batch_size=s['batch_size'], optimizer='adam',
-        learning_rate=s['learning_rate'], conv_impl=spec,
-        pool_impl=s['pool_impl'], dtype=s['dtype'])
     try:
-      model = models.create_model(config_lib.validate(config), NUM_CLASSES)
+      config_lib.validate(config_lib.Config(conv_impl=spec))
+      run = JaxRunner(s['models'][0], {**s, 'conv_impl': spec}, data).train
     except config_lib.CnnJaxError as e:
       raise SystemExit(f'error: --conv_sweep entry {spec!r}: {e}')
-    trainer = train.Trainer(config, model, NUM_CLASSES)
-    box = {'state': jax.device_put(train.create_train_state(
-        config, model, IMAGE_SHAPE, s['steps']), trainer.replicated)}
-    args = (trainer.put(images), trainer.put(labels),
-            trainer.epoch_indices(train.data_key(config), 0, n))
-
-    def run(trainer=trainer, box=box, args=args) -> None:
-      box['state'], m = trainer.train_chunk(box['state'], *args)
-      float(m['loss_sum'])
-
     first = timed(run)
     for _ in range(s['warmup']):
       run()
