@@ -42,11 +42,16 @@ from typing import Any, Callable
 
 from absl import app, flags
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Time the checkout this script is in (a git worktree of another commit,
+# say), not whichever cnn_jax is installed: `python experiments/benchmark.py`
+# puts only experiments/ on the path.
+sys.path.insert(0, REPO)
+
 # cnn_jax.config imports no JAX, so XLA flags can still be set after this.
-from cnn_jax import config as config_lib
+from cnn_jax import config as config_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_list('models', ['simple_cnn', 'deep_cnn'], 'Models to time.')
 flags.DEFINE_integer('batch_size', 128, 'Training batch size (all frameworks).')
 flags.DEFINE_integer('steps', 20, 'Training steps per timed chunk.')

@@ -103,3 +103,21 @@ def test_conv_sweep_rejects_a_wrong_layer_count_in_one_line():
   assert proc.stderr.strip().splitlines()[-1] == (
       "error: --conv_sweep entry 'im2col/im2col': --conv_impl='im2col/im2col' "
       'names 2 implementations; the model has 3 conv layers')
+
+
+def test_times_the_checkout_it_is_in_not_the_installed_package(tmp_path):
+  """Run from another checkout (a git worktree of an older commit, say), the
+  script imports that checkout's cnn_jax, not the installed one."""
+  import shutil
+  shutil.copytree(REPO / 'cnn_jax', tmp_path / 'cnn_jax',
+                  ignore=shutil.ignore_patterns('__pycache__'))
+  (tmp_path / 'experiments').mkdir()
+  shutil.copy(REPO / 'experiments' / 'benchmark.py', tmp_path / 'experiments')
+  with open(tmp_path / 'cnn_jax' / 'config.py', 'a') as f:
+    f.write("\nraise SystemExit('error: imported the other checkout')\n")
+  proc = subprocess.run(
+      [sys.executable, str(tmp_path / 'experiments' / 'benchmark.py'),
+       '--helpshort'], capture_output=True, text=True, timeout=120,
+      cwd=tmp_path)
+  assert proc.stderr.strip().splitlines()[-1] == (
+      'error: imported the other checkout')
