@@ -20,6 +20,7 @@ Together they made DeepCNN training ~7% faster on CPU
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -115,9 +116,7 @@ def keep_mask(key: jax.Array, rate: float, shape: tuple[int, ...]
   ``rate * 2**bits``: the narrowest lane where that is an integer, so the
   keep probability is exact (32-bit lanes round it to 2**-32).
   """
-  n = 1
-  for d in shape:
-    n *= d
+  n = math.prod(shape)
   bits = next(b for b in (8, 16, 32)
               if b == 32 or float(rate * 2**b).is_integer())
   lanes = 32 // bits
