@@ -76,17 +76,22 @@ def _max_pool_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
 _max_pool_mask_grad.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-def _relu_then_pool(module: nn.Module, x: jax.Array, name: str,
-                    pool_impl: str) -> jax.Array:
-  """``max_pool(relu(x))``, computed as ``relu(max_pool(x))``.
+def _relu_and_pool(module: nn.Module, x: jax.Array, name: str,
+                   pool_impl: str, train: bool) -> jax.Array:
+  """``max_pool(relu(x))``, in the order that is faster for the pass.
 
   ReLU is monotonic, so it commutes with taking a maximum: same values and
-  gradients, with the ReLU and its gradient on a quarter of the elements
-  (11-25% faster evaluation on CPU; training within noise). The full-size
-  ReLU output is still sown as ``name`` for feature-map analysis; when
-  intermediates are not collected, XLA drops it.
+  gradients in either order. Forward-only passes pool first, so the ReLU
+  runs on a quarter of the elements (11-25% faster evaluation on CPU);
+  training steps apply the ReLU first, where XLA fuses it into the pass
+  that produces ``x`` (DeepCNN +1.5%, SimpleCNN +3-5% per training step on
+  CPU). The full-size ReLU output is sown as ``name`` for feature-map
+  analysis; when intermediates are not collected, XLA drops it.
   """
-  module.sow('intermediates', name, nn.relu(x))
+  relu = nn.relu(x)
+  module.sow('intermediates', name, relu)
+  if train:
+    return max_pool_2x2(relu, pool_impl)
   return nn.relu(max_pool_2x2(x, pool_impl))
 
 
@@ -134,11 +139,11 @@ class SimpleCNN(nn.Module):
       kh, kw = conv.kernel_size
       oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
       x = x[:, :oh // 2 * 2 + kh - 1, :ow // 2 * 2 + kw - 1]
-    return _relu_then_pool(self, conv(x), name, self.pool_impl)
+    return _relu_and_pool(self, conv(x), name, self.pool_impl, train)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    # train only lets the pooled convs skip work (same values either way).
+    # train only changes how the pooled convs are computed (same values).
     x = x.astype(self.dtype)
     impls = layer_conv_impls(self.conv_impl, self.num_convs)
     for i, (features, impl) in enumerate(zip(self.features, impls), start=1):
@@ -200,7 +205,7 @@ class DeepCNN(nn.Module):
         if c < self.convs_per_stage:
           x = nn.relu(x)
           self.sow('intermediates', f'conv{tag}_relu', x)
-      x = _relu_then_pool(self, x, f'conv{tag}_relu', self.pool_impl)
+      x = _relu_and_pool(self, x, f'conv{tag}_relu', self.pool_impl, train)
       self.sow('intermediates', f'pool{s}', x)
       x = Dropout(self.dropout_rate, deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1))
