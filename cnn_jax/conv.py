@@ -21,9 +21,9 @@ the computation be:
   gradient, 3+3 copies where im2col makes 9 (a custom VJP);
 * ``auto``: ``xla`` on GPU/TPU; on CPU ``im2col_t`` for convolutions of few
   input channels (the first layer), ``hybrid`` for large outputs (and, for
-  convolutions without a bias, i.e. feeding batch norm, medium ones), and
-  ``im2col`` for the rest: the fastest whole training steps measured
-  (experiments/PERFORMANCE.md).
+  convolutions without a bias, i.e. feeding batch norm, medium and small
+  ones), and ``im2col`` for the rest: the fastest whole training steps
+  measured (experiments/PERFORMANCE.md).
   On CPU, ``xla`` is the one to avoid inside `lax.scan`: XLA:CPU runs the
   kernel-gradient convolution in a loop body with a naive emitter, tens of
   times slower (jax-ml/jax#12868), and the Trainer scans its steps.
@@ -43,10 +43,11 @@ IMPLS = ('xla', 'im2col', 'im2col_t', 'shifted', 'hybrid', 'auto')
 # from this many output pixels (oh * ow) on, or from the second number on
 # for convolutions without a bias; else 'im2col'. Measured: DeepCNN's
 # conv1_2 (576 pixels) trains much faster as 'hybrid', its conv2_1 (100, no
-# bias, feeding batch norm) ~5% faster; SimpleCNN's conv2 (121, bias) and
-# DeepCNN's conv2_1 without batch norm no faster or 2% slower.
+# bias, feeding batch norm) ~5% faster and its conv2_2 (64, no bias) 2-4%;
+# SimpleCNN's conv2 (121, bias) and DeepCNN's conv2_1 without batch norm no
+# faster or 2% slower.
 TRANSPOSED_MAX_IN_FEATURES = 3
-HYBRID_MIN_OUT_PIXELS = {True: 256, False: 100}  # by use_bias
+HYBRID_MIN_OUT_PIXELS = {True: 256, False: 64}  # by use_bias
 _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
 

@@ -16,7 +16,9 @@ repeat, so load from other processes hits them alike; medians are reported.
   python experiments/benchmark.py --models=deep_cnn --conv_sweep=auto,\
       im2col_t/hybrid/im2col/im2col --steps=10 --repeats=9  # per-layer convs
   python experiments/benchmark.py --profile --host_devices=2 --single_thread
-                                   # where ours spends a training step
+                        # where ours spends a training step, layer by layer
+                        # beside PyTorch; per core: taskset -c 0 ... \
+                        #   --host_devices=1 --batch_size=64
 
 Figures per framework: ``train_img_per_s`` (steady state), ``eval_img_per_s``
 (batches of 1000, inference mode), ``compile_seconds`` (first training call
@@ -38,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from typing import Any, Callable
 
 from absl import app, flags
@@ -89,7 +92,9 @@ flags.DEFINE_list('conv_sweep', [], 'Instead: time whole training steps of '
                   'Trainer.train_chunk; ours only).')
 flags.DEFINE_bool('profile', False, 'Instead: trace one training chunk of '
                   'ours per model with jax.profiler and print the XLA ops '
-                  'that take the most time, with the layer each came from.')
+                  'that take the most time, with the layer each came from, '
+                  'and the time per layer beside the PyTorch peer\'s (timed '
+                  'with module hooks) when torch is installed.')
 flags.DEFINE_integer('top_ops', 15, 'With --profile: how many ops to list.')
 flags.DEFINE_string('tfds_data_dir', '', 'TFDS data dir for --whole_run '
                     '(default: $TFDS_DATA_DIR or ../shared/tensorflow_datasets).')
@@ -278,27 +283,40 @@ class KerasRunner:
 
 
 def torch_model(model_name: str):
-  """SimpleCNN / DeepCNN as a torch.nn.Sequential (NCHW, same layers)."""
+  """SimpleCNN / DeepCNN as a torch.nn.Sequential (NCHW, same layers).
+
+  Modules are named like ours (conv1_1, bn1_1, dense1, logits, ...), so
+  ``--profile`` lines the two up layer by layer.
+  """
+  from collections import OrderedDict
   from torch import nn
   if model_name == 'simple_cnn':
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Flatten(),
-        nn.Linear(64 * 3 * 3, 64), nn.ReLU(), nn.Linear(64, NUM_CLASSES))
-  mods: list[Any] = []
+    return nn.Sequential(OrderedDict([
+        ('conv1', nn.Conv2d(1, 32, 3)), ('relu1', nn.ReLU()),
+        ('pool1', nn.MaxPool2d(2)),
+        ('conv2', nn.Conv2d(32, 64, 3)), ('relu2', nn.ReLU()),
+        ('pool2', nn.MaxPool2d(2)),
+        ('conv3', nn.Conv2d(64, 64, 3)), ('relu3', nn.ReLU()),
+        ('flatten', nn.Flatten()),
+        ('dense1', nn.Linear(64 * 3 * 3, 64)), ('relu_dense1', nn.ReLU()),
+        ('logits', nn.Linear(64, NUM_CLASSES))]))
+  mods: list[tuple[str, Any]] = []
   cin, size = 1, IMAGE_SHAPE[0]
-  for features in (32, 64):
-    for _ in range(2):
-      mods += [nn.Conv2d(cin, features, 3, bias=False),
-               nn.BatchNorm2d(features, eps=1e-5, momentum=0.1), nn.ReLU()]
+  for s, features in enumerate((32, 64), start=1):
+    for c in (1, 2):
+      mods += [(f'conv{s}_{c}', nn.Conv2d(cin, features, 3, bias=False)),
+               (f'bn{s}_{c}', nn.BatchNorm2d(features, eps=1e-5,
+                                             momentum=0.1)),
+               (f'relu{s}_{c}', nn.ReLU())]
       cin, size = features, size - 2
-    mods += [nn.MaxPool2d(2), nn.Dropout(0.25)]
+    mods += [(f'pool{s}', nn.MaxPool2d(2)), (f'dropout{s}', nn.Dropout(0.25))]
     size //= 2
-  mods += [nn.Flatten(), nn.Linear(cin * size * size, 128, bias=False),
-           nn.BatchNorm1d(128, eps=1e-5, momentum=0.1), nn.ReLU(),
-           nn.Dropout(0.25), nn.Linear(128, NUM_CLASSES)]
-  return nn.Sequential(*mods)
+  mods += [('flatten', nn.Flatten()),
+           ('dense1', nn.Linear(cin * size * size, 128, bias=False)),
+           ('bn_dense1', nn.BatchNorm1d(128, eps=1e-5, momentum=0.1)),
+           ('relu_dense1', nn.ReLU()), ('dropout3', nn.Dropout(0.25)),
+           ('logits', nn.Linear(128, NUM_CLASSES))]
+  return nn.Sequential(OrderedDict(mods))
 
 
 class TorchRunner:
@@ -341,6 +359,46 @@ class TorchRunner:
     with self.torch.inference_mode():
       for i in range(0, len(self.eval_images), self.ebs):
         self.model(self.eval_images[i:i + self.ebs].float().div_(255))
+
+  def layer_times(self) -> tuple[dict[str, dict[str, float]], float]:
+    """Per-layer-group forward/backward ms per step, and wall ms per step.
+
+    Timed with module hooks over one `train` (``steps`` steps). Hooks do not
+    see the backward pass of a module whose input needs no gradient (the
+    first conv), so that lands in ``rest`` with the loss and optimizer.
+    """
+    start: dict[tuple[str, str], float] = {}
+    ms: dict[str, dict[str, float]] = {}
+
+    def begin(key):
+      return lambda *_: start.__setitem__(key, time.perf_counter())
+
+    def end(key):
+      def hook(module, inputs, outputs):
+        seconds = time.perf_counter() - start.pop(key)
+        if key[1] == 'backward_ms' and all(g is None for g in inputs):
+          return  # No input gradient: the hook fired before the backward.
+        group = ms.setdefault(layer_group(key[0]), {})
+        group[key[1]] = group.get(key[1], 0.0) + 1e3 * seconds
+      return hook
+
+    handles = []
+    for name, m in self.model.named_children():
+      f, b = (name, 'forward_ms'), (name, 'backward_ms')
+      handles += [m.register_forward_pre_hook(begin(f)),
+                  m.register_forward_hook(end(f)),
+                  m.register_full_backward_pre_hook(begin(b)),
+                  m.register_full_backward_hook(end(b))]
+    try:
+      with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', 'Full backward hook is firing')
+        wall = timed(self.train)
+    finally:
+      for h in handles:
+        h.remove()
+    steps = len(self.idx)
+    return ({k: {d: v / steps for d, v in t.items()} for k, t in ms.items()},
+            1e3 * wall / steps)
 
   def extra(self) -> dict[str, Any]:
     return {'version': self.torch.__version__,
@@ -476,13 +534,51 @@ def _source(op_name: str) -> str:
   return f'{direction}: {path}' + (f' (+{len(more)} more)' if more else '')
 
 
+def layer_group(module: str) -> str:
+  """A module name (ours or the PyTorch peer's) -> its row in ``layers``."""
+  if re.fullmatch(r'conv\d+(_\d+)?|dense\d+|logits', module):
+    return module
+  if re.fullmatch(r'bn\w*', module):
+    return 'batch norm'
+  if re.fullmatch(r'(?i)dropout_?\d+', module):
+    return 'dropout'
+  return 'rest'
+
+
+def _layers(ops: dict[str, float], sources: dict[str, tuple[str, str]],
+            wall_ms: float) -> dict[str, dict[str, float]]:
+  """Op times summed by the layer their JAX op_name names; ``rest`` (ReLU,
+  pooling, loss, optimizer, waits) is the step's wall time minus the rest."""
+  layers: dict[str, dict[str, float]] = {}
+  for op, ms in ops.items():
+    source = _source(sources[op][1])
+    direction, path = source.split(': ', 1)
+    group = next((g for g in map(layer_group, re.split(r'[/ ]', path))
+                  if g != 'rest'), 'rest')
+    if group != 'rest':
+      t = layers.setdefault(group, {'forward_ms': 0.0, 'backward_ms': 0.0})
+      t[f'{direction}_ms'] += ms
+  return _with_rest(layers, wall_ms)
+
+
+def _with_rest(layers: dict[str, dict[str, float]],
+               wall_ms: float) -> dict[str, dict[str, float]]:
+  layers = {k: v for k, v in layers.items() if k != 'rest'}
+  named = sum(sum(t.values()) for t in layers.values())
+  return {**layers, 'rest': {'ms': wall_ms - named}}
+
+
 def profile(s: dict[str, Any]) -> dict[str, Any]:
-  """Per-op time of one traced training chunk of ours, per model.
+  """Per-op and per-layer time of one traced training chunk, per model.
 
   Op times are XLA:CPU thunk events summed over the traced chunk and divided
   by steps x devices: milliseconds per step on one device. They do not
   include the time devices wait for each other (``sync_ms``: rendezvous and
   waits), so ``op_ms`` + ``sync_ms`` is about one step's wall time.
+  ``layers`` sums them per layer and direction; with the PyTorch peer,
+  ``torch_layers`` times its modules the same way (hooks), for a layer by
+  layer comparison (pin both to one core to compare kernels:
+  ``taskset -c 0 ... --host_devices=1 --batch_size=64``).
   """
   import glob
   import jax
@@ -524,11 +620,19 @@ def profile(s: dict[str, Any]) -> dict[str, Any]:
                        f'trace (backend {jax.default_backend()!r}); it reads '
                        'CPU traces only')
     top = sorted(ops.items(), key=lambda kv: -kv[1])[:FLAGS.top_ops]
-    results[model_name] = {
-        'op_ms': sum(ops.values()), 'sync_ms': sync,
-        'wall_ms_per_step': 1e3 * timed(runner.train) / s['steps'],
+    wall = 1e3 * timed(runner.train) / s['steps']
+    results[model_name] = r = {
+        'op_ms': sum(ops.values()), 'sync_ms': sync, 'wall_ms_per_step': wall,
+        'layers': _layers(ops, sources, wall),
         'top_ops': [{'op': k, 'ms': v, 'shape': sources[k][0],
                      'source': _source(sources[k][1])} for k, v in top]}
+    if 'torch' in s['peers'] and installed('torch'):
+      peer = TorchRunner(model_name, s, data)
+      for _ in range(1 + s['warmup']):
+        peer.train()
+      layers, r['torch_wall_ms_per_step'] = peer.layer_times()
+      r['torch_threads'] = peer.torch.get_num_threads()
+      r['torch_layers'] = _with_rest(layers, r['torch_wall_ms_per_step'])
   results['settings'] = {**s, 'num_devices': jax.device_count(),
                          'load_average_1min': os.getloadavg()[0]}
   return results
@@ -634,6 +738,12 @@ def table(results: dict[str, Any]) -> str:
                   f'{r["wall_ms_per_step"]:.1f} ms per step)')
       rows += [f'  {o["ms"]:6.2f} ms  {o["shape"][:30]:30s} {o["source"]}'
                for o in r['top_ops']]
+      covered = (r['op_ms'] + r['sync_ms']) / r['wall_ms_per_step']
+      if covered < 0.9:
+        rows.append(f'  (the trace covers {covered:.0%} of the step: with '
+                    'several devices some Eigen ops run outside it; for '
+                    'per-layer times profile one device on one core)')
+      rows += _layer_rows(r)
     return '\n'.join(rows)
   if 'conv_sweep' in results:
     return '\n'.join(f'{spec:28s} {f["train_img_per_s"]:7.0f} img/s  compile '
@@ -658,6 +768,28 @@ def table(results: dict[str, Any]) -> str:
                   f'{f["peak_rss_mb"]:11.0f} {f["rss_growth_mb"]:8.0f} '
                   f'{ratio:9.2f}')
   return '\n'.join(rows)
+
+
+def _layer_rows(r: dict[str, Any]) -> list[str]:
+  """Ours vs the PyTorch peer per layer: forward / backward ms per step."""
+  peer = r.get('torch_layers', {})
+  def fmt(t: dict[str, float] | None) -> str:
+    if not t:
+      return ''
+    if 'ms' in t:
+      return f'{t["ms"]:13.2f}'
+    return ' '.join(f'{t[d]:6.2f}' if d in t else f'{"-":>6s}'
+                    for d in ('forward_ms', 'backward_ms'))
+
+  rows = [f'  {"layer":12s} {"cnn_jax fwd / bwd ms":>20s}'
+          + ('   torch fwd / bwd ms' if peer else '')]
+  for group in sorted(set(r['layers']) | set(peer), key=lambda g: (
+      g == 'rest', g.startswith(('batch', 'drop')), g)):
+    rows.append(f'  {group:12s} {fmt(r["layers"].get(group)):>20s}   '
+                f'{fmt(peer.get(group)):>18s}'.rstrip())
+  rows.append(f'  {"step (wall)":12s} {r["wall_ms_per_step"]:20.2f}   '
+              + (f'{r["torch_wall_ms_per_step"]:18.2f}' if peer else ''))
+  return rows
 
 
 def configure_xla() -> None:

@@ -61,14 +61,15 @@ def test_tiny_json_is_complete_and_positive(tiny_results):
 
 
 @pytest.mark.slow
-def test_profile_lists_the_ops_of_a_training_step():
+def test_profile_lists_the_ops_and_layers_of_a_training_step():
   env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', 'CUDA_VISIBLE_DEVICES': ''}
   proc = subprocess.run(
       [sys.executable, str(REPO / 'experiments' / 'benchmark.py'), '--tiny',
-       '--profile', '--models=simple_cnn', '--top_ops=40', '--json'],
+       '--profile', '--models=simple_cnn,deep_cnn', '--top_ops=40', '--json'],
       capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  r = json.loads(proc.stdout)['simple_cnn']
+  results = json.loads(proc.stdout)
+  r = results['simple_cnn']
   assert _positive(r['op_ms']) and _positive(r['wall_ms_per_step'])
   ops = r['top_ops']
   assert 0 < len(ops) <= 40
@@ -77,6 +78,31 @@ def test_profile_lists_the_ops_of_a_training_step():
   sources = ' '.join(o['source'] for o in ops)
   # Both directions of the model's own layers show up, by name.
   assert 'forward: conv' in sources and 'backward: conv' in sources
+  # Per layer: every named layer of each model has both directions, and
+  # the rows add up to the step's wall time.
+  named = {'simple_cnn': ['conv1', 'conv2', 'conv3', 'dense1', 'logits'],
+           'deep_cnn': ['conv1_1', 'conv1_2', 'conv2_1', 'conv2_2', 'dense1',
+                        'logits', 'batch norm']}
+  torch = importlib.util.find_spec('torch') is not None
+  for model, layers in named.items():
+    r = results[model]
+    for layer in layers:
+      assert _positive(r['layers'][layer]['forward_ms']), (model, layer)
+      assert _positive(r['layers'][layer]['backward_ms']), (model, layer)
+    total = sum(sum(t.values()) for t in r['layers'].values())
+    assert total == pytest.approx(r['wall_ms_per_step'])
+    if not torch:
+      assert 'torch_layers' not in r
+      continue
+    peer = r['torch_layers']
+    assert set(layers) <= set(peer)
+    assert all(_positive(peer[layer]['forward_ms']) for layer in layers)
+    # Hooks cannot time the first conv's backward (its input needs no
+    # gradient): it is left out rather than reported as ~0.
+    assert 'backward_ms' not in peer[layers[0]]
+    assert all(_positive(peer[layer]['backward_ms']) for layer in layers[1:])
+    assert sum(sum(t.values()) for t in peer.values()) == pytest.approx(
+        r['torch_wall_ms_per_step'])
 
 
 def _benchmark(*args: str) -> subprocess.CompletedProcess:

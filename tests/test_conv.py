@@ -104,7 +104,9 @@ def test_resolve_impl():
     assert conv.resolve_impl('auto', 32, 576) == 'hybrid'
     assert conv.resolve_impl('auto', 32, 121) == 'im2col'
     assert conv.resolve_impl('auto', 32, 100, use_bias=False) == 'hybrid'
-    assert conv.resolve_impl('auto', 64, 64, use_bias=False) == 'im2col'
+    assert conv.resolve_impl('auto', 64, 64, use_bias=False) == 'hybrid'
+    assert conv.resolve_impl('auto', 64, 49, use_bias=False) == 'im2col'
+    assert conv.resolve_impl('auto', 64, 64) == 'im2col'
     assert conv.resolve_impl('auto', 32) == conv.resolve_impl('auto') == 'im2col'
   else:
     assert conv.resolve_impl('auto', 1) == conv.resolve_impl('auto') == 'xla'
