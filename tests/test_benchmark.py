@@ -62,11 +62,8 @@ def test_tiny_json_is_complete_and_positive(tiny_results):
 
 @pytest.mark.slow
 def test_profile_lists_the_ops_and_layers_of_a_training_step():
-  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', 'CUDA_VISIBLE_DEVICES': ''}
-  proc = subprocess.run(
-      [sys.executable, str(REPO / 'experiments' / 'benchmark.py'), '--tiny',
-       '--profile', '--models=simple_cnn,deep_cnn', '--top_ops=40', '--json'],
-      capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+  proc = _benchmark('--profile', '--models=simple_cnn,deep_cnn',
+                    '--top_ops=40', '--json')
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(proc.stdout)
   r = results['simple_cnn']
