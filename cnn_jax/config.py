@@ -13,6 +13,8 @@ import math
 import os
 from typing import Any
 
+from cnn_jax.kernels import KERNELS  # A light module: no JAX import.
+
 
 class CnnJaxError(Exception):
   """A user-facing error: `main` prints its message on one line and exits."""
@@ -22,13 +24,19 @@ def _f(default: Any, help: str, **kw: Any) -> Any:  # pylint: disable=redefined-
   return dataclasses.field(default=default, metadata={'help': help, **kw})
 
 
-MODELS = ('simple_cnn', 'deep_cnn')
 OPTIMIZERS = ('adam', 'adamw', 'sgd', 'nesterov', 'rmsprop')
 SCHEDULES = ('constant', 'cosine', 'onecycle', 'step')
 DTYPES = ('float32', 'bfloat16')
-CONV_IMPLS = ('xla', 'im2col', 'im2col_t', 'shifted', 'hybrid', 'auto')
-POOL_IMPLS = ('reduce_window', 'mask_grad', 'auto')
 BEST_METRICS = ('val_accuracy', 'val_loss')
+
+# Fields a resumed run may change: where the data is, how often it logs and
+# saves, which kernels compute the same model.
+RESUMABLE_FIELDS = frozenset({'tfds_data_dir', 'download', 'log_every_steps',
+                              'checkpoint_every_steps', 'kernels'})
+# Fields that eval, analyze, predict and export take from the command line
+# over the workdir's saved config.
+EVAL_OVERRIDE_FIELDS = ('tfds_data_dir', 'download', 'eval_batch_size',
+                        'test_examples')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +66,8 @@ class Config:
   aug_max_scale: float = _f(0.1, 'Augmentation: max relative zoom in/out.')
 
   # Model.
-  model: str = _f('simple_cnn', f'Model from the registry: {", ".join(MODELS)}.')
+  model: str = _f('simple_cnn', 'Model from the registry '
+                  '(cnn_jax/registry.py): simple_cnn, deep_cnn.')
   width_multiplier: float = _f(1.0, 'Scales every conv layer\'s filter count '
                                '(ablations: 0.5, 1, 2).')
   dense_features: int = _f(0, 'Hidden dense width (0 = the model default: '
@@ -66,13 +75,10 @@ class Config:
   batch_norm: bool = _f(True, 'deep_cnn: use batch normalization.')
   dropout_rate: float = _f(0.25, 'deep_cnn: dropout rate after conv stages '
                            'and the hidden dense layer.')
-  conv_impl: str = _f('auto', f'Convolution kernel: {", ".join(CONV_IMPLS)}, '
-                      'or one per conv layer joined by "/" (e.g. '
-                      'im2col_t/hybrid/im2col). All give the same parameters; '
-                      'auto picks the fastest per layer for the backend.')
-  pool_impl: str = _f('auto', f'Max-pool kernel: {", ".join(POOL_IMPLS)}. Same '
-                      'forward values; mask_grad has a faster gradient on CPU '
-                      '(auto picks it there).')
+  kernels: str = _f('auto', 'Layers that compute the model in training: '
+                    'flax (stock Flax), cpu (cnn_jax.kernels: same params '
+                    'and values, faster gradients on CPU) or auto (cpu on '
+                    'the CPU backend, flax on GPU/TPU).')
   dtype: str = _f('float32', 'Compute dtype (bfloat16 = mixed precision, '
                   'params stay float32).')
 
@@ -118,17 +124,14 @@ def validate(config: Config) -> Config:
   def bad(msg: str) -> None:
     raise CnnJaxError(msg)
 
-  choices = {'model': MODELS, 'optimizer': OPTIMIZERS,
-             'lr_schedule': SCHEDULES, 'dtype': DTYPES,
-             'pool_impl': POOL_IMPLS, 'best_metric': BEST_METRICS}
+  from cnn_jax.registry import MODELS  # Imports Flax; the names live there.
+  choices = {'model': tuple(MODELS), 'optimizer': OPTIMIZERS,
+             'lr_schedule': SCHEDULES, 'dtype': DTYPES, 'kernels': KERNELS,
+             'best_metric': BEST_METRICS}
   for name, allowed in choices.items():
     value = getattr(config, name)
     if value not in allowed:
       bad(f'unknown --{name}={value!r}; choose one of: {", ".join(allowed)}')
-  for impl in config.conv_impl.split('/'):
-    if impl not in CONV_IMPLS:
-      bad(f'unknown --conv_impl={config.conv_impl!r} ({impl!r}); choose one '
-          f'of: {", ".join(CONV_IMPLS)}, or one per conv layer joined by "/"')
   for name in ('epochs', 'batch_size', 'eval_batch_size', 'log_every_steps'):
     if getattr(config, name) <= 0:
       bad(f'--{name} must be a positive integer, got {getattr(config, name)}')

@@ -25,7 +25,8 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 
-from cnn_jax import input_pipeline, models, train
+from cnn_jax import inference, input_pipeline, models
+from cnn_jax import workdir as workdir_lib
 from cnn_jax.config import Config, CnnJaxError
 
 PLATFORMS = ('cpu', 'cuda', 'tpu')
@@ -104,16 +105,15 @@ if __name__ == "__main__":
 '''
 
 
-def probability_fn(config: Config, info: input_pipeline.DatasetInfo,
-                   variables: Any) -> Callable[[jax.Array], jax.Array]:
+def probability_fn(model: Any, variables: Any
+                   ) -> Callable[[jax.Array], jax.Array]:
   """uint8 images -> softmax probabilities, with `variables` baked in.
 
-  The model is `models.for_inference`'s: with ``conv_impl=auto`` that is
-  XLA's own convolution, the fastest forward pass on every platform, so one
+  ``model`` is the stock-Flax inference model (`inference.restore`): XLA's
+  own convolution is the fastest forward pass on every platform, so one
   multi-platform artifact is fast everywhere.
   """
   variables = jax.device_get(variables)
-  model = models.for_inference(models.create_model(config, info.num_classes))
 
   def probabilities(images: jax.Array) -> jax.Array:
     x = input_pipeline.normalize(images)
@@ -169,18 +169,6 @@ def _save_tf(fn: Callable[[jax.Array], jax.Array],
   return os.path.basename(path)
 
 
-def _read_results(workdir: str) -> dict[str, Any]:
-  path = os.path.join(workdir, 'results.json')
-  if not os.path.exists(path):
-    return {}
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    logging.warning('ignoring unreadable %s', path)
-    return {}
-
-
 def signature(config: Config, info: input_pipeline.DatasetInfo,
               exported: jax.export.Exported, variables: Any,
               meta: dict[str, Any], results: dict[str, Any],
@@ -210,20 +198,23 @@ def signature(config: Config, info: input_pipeline.DatasetInfo,
 
 
 def export(config: Config, workdir: str, saved_model: bool = True) -> str:
-  """Writes ``workdir/export/`` from the best checkpoint; returns its path."""
-  info = input_pipeline.dataset_info(input_pipeline.get_builder(config))
-  _, _, variables, meta = train.load_best(config, workdir, info)
+  """Writes ``workdir/export/`` from the best checkpoint; returns its path.
+
+  Needs only the workdir: the dataset info is the one saved with the run.
+  """
+  restored = inference.restore(workdir, config)
+  info, variables, meta = restored.info, restored.variables, restored.meta
   out = os.path.join(workdir, 'export')
   try:
     os.makedirs(out, exist_ok=True)
   except OSError as e:
     raise CnnJaxError(f'cannot create {out}: {e.strerror or e}') from e
-  fn = probability_fn(config, info, variables)
+  fn = probability_fn(restored.model, variables)
   exported = export_stablehlo(fn, info)
   tf_dir = (_save_tf(fn, info, os.path.join(out, 'saved_model'))
             if saved_model else None)
   sig = signature(config, info, exported, variables, meta,
-                  _read_results(workdir), tf_dir)
+                  workdir_lib.read_results(workdir), tf_dir)
   try:
     _write(os.path.join(out, MODEL_FILE), bytes(exported.serialize()))
     _write(os.path.join(out, 'signature.json'),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,18 +18,43 @@ import numpy as np
 
 from cnn_jax.config import Config, CnnJaxError
 
-SHARED_HINT = ('point --tfds_data_dir (or $TFDS_DATA_DIR) at a folder that '
-               'holds it, e.g. ../shared/tensorflow_datasets')
+DATA_DIR_HINT = ('point --tfds_data_dir (or $TFDS_DATA_DIR) at a TFDS data '
+                 'dir that holds it (DIR/<dataset>/<version>/)')
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """What models and analysis need to know about a dataset."""
+  """What models, analysis and inference need to know about a dataset.
+
+  Training saves it in the workdir, so inference needs no TFDS.
+  """
 
   name: str
   num_classes: int
   class_names: tuple[str, ...]
   image_shape: tuple[int, ...]
+  version: str = ''
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-ready, with the input contract the models are trained on."""
+    return {'name': self.name, 'version': self.version,
+            'num_classes': self.num_classes,
+            'class_names': list(self.class_names),
+            'image_shape': list(self.image_shape),
+            'input': INPUT_CONTRACT}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> 'DatasetInfo':
+    return cls(name=str(d['name']), num_classes=int(d['num_classes']),
+               class_names=tuple(str(c) for c in d['class_names']),
+               image_shape=tuple(int(x) for x in d['image_shape']),
+               version=str(d.get('version', '')))
+
+
+# What `normalize` expects and does, as saved with the dataset info and in
+# exported models.
+INPUT_CONTRACT = {'dtype': 'uint8', 'layout': 'NHWC', 'value_range': [0, 255],
+                  'normalization': 'x / 255 (float32 in [0, 1])'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,15 +104,15 @@ def get_builder(config: Config):
   if not builder.is_prepared() and not _mocked(builder):
     if not config.download:
       raise CnnJaxError(f'dataset {config.dataset!r} is not prepared in {where} '
-                        f'and --nodownload was given; {SHARED_HINT}')
+                        f'and --nodownload was given; {DATA_DIR_HINT}')
     if not _online():
       raise CnnJaxError(f'dataset {config.dataset!r} is not prepared in {where} '
-                        f'and there is no network to download it; {SHARED_HINT}')
+                        f'and there is no network to download it; {DATA_DIR_HINT}')
     try:
       builder.download_and_prepare()
     except Exception as e:
       raise CnnJaxError(f'could not download {config.dataset!r} into {where} '
-                        f'({type(e).__name__}: {str(e)[:200]}); {SHARED_HINT}'
+                        f'({type(e).__name__}: {str(e)[:200]}); {DATA_DIR_HINT}'
                         ) from e
   return builder
 
@@ -108,7 +133,8 @@ def dataset_info(builder) -> DatasetInfo:
     raise CnnJaxError(f'dataset {name!r} has images of variable shape {shape}; '
                       'only fixed-shape (MNIST-like) images are supported')
   return DatasetInfo(name=builder.info.name, num_classes=label.num_classes,
-                     class_names=tuple(label.names), image_shape=shape)
+                     class_names=tuple(label.names), image_shape=shape,
+                     version=str(builder.info.version))
 
 
 def _read_split(builder, split: str, limit: int = 0) -> Split:

@@ -20,17 +20,12 @@ import os
 import sys
 from typing import Any, Sequence
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
-
-from cnn_jax import config_flags  # noqa: E402
-from cnn_jax.config import Config, CnnJaxError, validate  # noqa: E402
+from cnn_jax import config_flags, runtime
+from cnn_jax.config import Config, CnnJaxError, EVAL_OVERRIDE_FIELDS
 
 MODES = ('train', 'eval', 'analyze', 'predict', 'export')
-# Flags that may override a saved config in the non-training modes.
-LOCATION_FIELDS = ('tfds_data_dir', 'download', 'eval_batch_size',
-                   'test_examples', 'conv_impl', 'pool_impl')
 
 _MODE = flags.DEFINE_string('mode', 'train', f'One of: {", ".join(MODES)}.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: config, '
@@ -63,42 +58,15 @@ FLAGS = flags.FLAGS
 
 
 def saved_config(workdir: str) -> Config:
-  """The workdir's config.json, with location flags from the command line."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise CnnJaxError(f'no run found in --workdir={workdir} (it has no '
-                      'config.json); train first with --mode=train')
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except (OSError, ValueError) as e:
-    raise CnnJaxError(f'cannot read {path}: {e}') from e
-  for name in LOCATION_FIELDS:
-    if FLAGS[name].present:
-      saved[name] = FLAGS[name].value
-  return validate(Config.from_dict(saved))
+  """The workdir's config, with data-location flags from the command line."""
+  from cnn_jax import workdir as workdir_lib
+  return workdir_lib.load_config(workdir, {
+      name: FLAGS[name].value for name in EVAL_OVERRIDE_FIELDS
+      if FLAGS[name].present})
 
 
 def _print_json(obj: Any) -> None:
   print(json.dumps(obj, indent=2, sort_keys=True))
-
-
-def _set_host_devices(count: int, batch_size: int) -> None:
-  """Asks XLA:CPU for `count` host devices; must run before JAX starts.
-
-  XLA:CPU runs each device's kernels on one thread here (see
-  `cnn_jax/__init__.py`), so data parallelism over host devices is how a run
-  uses every core.
-  """
-  if count < 0:
-    raise CnnJaxError(f'--host_devices must be >= 0, got {count}')
-  if not count:
-    cores = os.cpu_count() or 1
-    count = max(d for d in range(1, cores + 1) if batch_size % d == 0)
-  xla_flags = os.environ.get('XLA_FLAGS', '')
-  if count > 1 and 'xla_force_host_platform_device_count' not in xla_flags:
-    os.environ['XLA_FLAGS'] = (
-        f'{xla_flags} --xla_force_host_platform_device_count={count}').strip()
 
 
 def run(argv: Sequence[str]) -> int:
@@ -111,9 +79,11 @@ def run(argv: Sequence[str]) -> int:
     raise CnnJaxError('--workdir is required')
   if mode != 'predict' and len(argv) > 1:
     raise CnnJaxError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if _HOST_DEVICES.value < 0:
+    raise CnnJaxError(f'--host_devices must be >= 0, got {_HOST_DEVICES.value}')
   # Multi-host runs get their parallelism from the processes: one device
   # each unless --host_devices says otherwise.
-  _set_host_devices(
+  runtime.configure_xla(
       1 if _DISTRIBUTED.value and not FLAGS['host_devices'].present
       else _HOST_DEVICES.value, max(FLAGS.batch_size, 1))
   if _DISTRIBUTED.value:
@@ -121,15 +91,15 @@ def run(argv: Sequence[str]) -> int:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                            _PROCESS_ID.value)
 
-  from cnn_jax import train  # Imports JAX; deferred past flag errors.
   if mode == 'train':
-    results = train.train_and_evaluate(config_flags.config_from_flags(),
-                                       workdir)
-    _print_json(results)
+    config = config_flags.config_from_flags()
+    from cnn_jax import train
+    _print_json(train.train_and_evaluate(config, workdir))
     return 0
   config = saved_config(workdir)
   if mode == 'eval':
-    _print_json(train.evaluate_workdir(workdir, config))
+    from cnn_jax import evaluate
+    _print_json(evaluate.evaluate_workdir(workdir, config))
     return 0
   if mode == 'analyze':
     from cnn_jax.analysis import report
@@ -157,6 +127,7 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TF's C++ start-up noise.
   logging.set_verbosity(logging.INFO)
   _quiet_libraries()
   try:

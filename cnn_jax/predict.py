@@ -229,36 +229,28 @@ def load_inputs(paths: Sequence[str], shape: tuple[int, int],
 
 
 # Model ---------------------------------------------------------------------
-def grayscale_info(config: Config) -> input_pipeline.DatasetInfo:
-  """The dataset's info from TFDS metadata; refuses non-grayscale data."""
-  info = input_pipeline.dataset_info(input_pipeline.get_builder(config))
-  if len(info.image_shape) != 3 or info.image_shape[-1] != 1:
-    raise CnnJaxError(f'predict supports grayscale (HxWx1) datasets; '
-                      f'{info.name!r} has images of shape {info.image_shape}')
-  return info
-
-
 @dataclasses.dataclass(frozen=True)
 class Classifier:
   """A restored run's best params, ready to classify uint8 images."""
 
   info: input_pipeline.DatasetInfo
-  trainer: Any
+  predictor: Any
   variables: Any
 
   @classmethod
   def restore(cls, config: Config, workdir: str) -> 'Classifier':
-    """Reads the dataset's metadata (not its data) and the best params."""
-    from cnn_jax import train  # Imports JAX.
-    info = grayscale_info(config)
-    _, trainer, variables, _ = train.load_best(config, workdir, info)
-    return cls(info, trainer, variables)
+    """The workdir's model, best params and dataset info; no TFDS needed."""
+    from cnn_jax import inference  # Imports JAX.
+    restored = inference.restore(workdir, config)
+    info = restored.info
+    if len(info.image_shape) != 3 or info.image_shape[-1] != 1:
+      raise CnnJaxError(f'predict supports grayscale (HxWx1) datasets; '
+                        f'{info.name!r} has images of shape {info.image_shape}')
+    return cls(info, restored.predictor(), restored.variables)
 
   def probabilities(self, images: np.ndarray) -> np.ndarray:
     """Softmax class probabilities of uint8 NHWC images, one forward pass."""
-    import jax
-    logits = self.trainer.logits(self.variables, self.trainer.put(images))
-    return np.asarray(jax.device_get(jax.nn.softmax(logits, axis=-1)))
+    return self.predictor.probabilities(self.variables, images)
 
 
 # Output --------------------------------------------------------------------

@@ -27,17 +27,13 @@ from flax.training import train_state
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-import numpy as np
 import optax
 
-from cnn_jax import augment, distributed, input_pipeline, models
+from cnn_jax import (augment, distributed, inference, input_pipeline, losses,
+                     models, registry)
+from cnn_jax import workdir as workdir_lib
 from cnn_jax.checkpointing import Checkpointer
-from cnn_jax.config import Config, CnnJaxError
-
-# Fields that may change between an interrupted run and its resumption.
-RESUMABLE_FIELDS = frozenset({'log_every_steps', 'tfds_data_dir', 'download',
-                              'checkpoint_every_steps', 'conv_impl',
-                              'pool_impl'})
+from cnn_jax.config import Config, CnnJaxError, RESUMABLE_FIELDS
 
 
 class TrainState(train_state.TrainState):
@@ -130,20 +126,6 @@ def variables_of(state: TrainState) -> dict[str, Any]:
 
 
 # Steps -------------------------------------------------------------------------
-def loss_and_metrics(logits: jax.Array, labels: jax.Array, num_classes: int,
-                     label_smoothing: float = 0.0
-                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean categorical cross-entropy and the summable metrics of a batch."""
-  targets = input_pipeline.one_hot(labels, num_classes)
-  if label_smoothing:
-    targets = optax.smooth_labels(targets, label_smoothing)
-  losses = optax.softmax_cross_entropy(logits, targets)
-  correct = jnp.argmax(logits, -1) == labels
-  metrics = {'loss_sum': losses.sum(), 'correct': correct.sum(),
-             'count': jnp.asarray(labels.shape[0])}
-  return losses.mean(), metrics
-
-
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
                config: Config, num_classes: int
                ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -162,8 +144,8 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
     logits, updates = state.apply_fn(
         variables, x, train=True, rngs={'dropout': dropout_key},
         mutable=['batch_stats'])
-    loss, metrics = loss_and_metrics(logits, labels, num_classes,
-                                     config.label_smoothing)
+    loss, metrics = losses.loss_and_metrics(logits, labels, num_classes,
+                                            config.label_smoothing)
     return loss, (metrics, updates)
 
   grads, (metrics, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -177,30 +159,31 @@ def _sum_tree(tree: Any) -> Any:
 
 
 class Trainer:
-  """Jitted, sharded train/eval functions for one model and config."""
+  """Jitted, sharded training chunks and validation for one config.
 
-  def __init__(self, config: Config, model: nn.Module, num_classes: int,
+  Training uses the model with the kernels ``config.kernels`` selects;
+  validation the same model with stock Flax layers (same params).
+  """
+
+  def __init__(self, config: Config, num_classes: int,
                mesh: Mesh | None = None):
-    self.config, self.model, self.num_classes = config, model, num_classes
-    self.eval_model = models.for_inference(model)
-    self.mesh = mesh or Mesh(np.array(jax.devices()), ('data',))
-    self.replicated = NamedSharding(self.mesh, P())
+    self.config, self.num_classes = config, num_classes
+    self.model = registry.create_model(config, num_classes)
+    self.mesh = mesh or inference.data_mesh()
+    self.predictor = inference.Predictor(
+        registry.create_model(config, num_classes, training=False),
+        config.eval_batch_size, self.mesh)
+    self.replicated = self.predictor.replicated
     self.batch_sharding = NamedSharding(self.mesh, P('data'))
-    self.index_sharding = NamedSharding(self.mesh, P(None, 'data'))
+    self.index_sharding = self.predictor.index_sharding
     self.num_devices = self.mesh.devices.size
     if config.batch_size % self.num_devices:
       raise CnnJaxError(f'--batch_size={config.batch_size} must divide by the '
                         f'number of devices ({self.num_devices})')
     self.train_chunk = jax.jit(self._train_chunk, donate_argnums=(0,),
                                out_shardings=self.replicated)
-    self._logits = jax.jit(self._logits_chunk,
-                           out_shardings=self.replicated)
-
-  def put(self, array: np.ndarray) -> jax.Array:
-    """Places a host array, identical on every process, replicated."""
-    array = np.asarray(array)
-    return jax.make_array_from_callback(array.shape, self.replicated,
-                                        lambda idx: array[idx])
+    self.put = self.predictor.put
+    self.evaluate = self.predictor.evaluate
 
   def _train_chunk(self, state: TrainState, images: jax.Array,
                    labels: jax.Array, idx: jax.Array):
@@ -212,13 +195,6 @@ class Trainer:
                         self.config, self.num_classes)
     state, metrics = jax.lax.scan(body, state, idx)
     return state, _sum_tree(metrics)
-
-  def _logits_chunk(self, variables: Any, images: jax.Array, idx: jax.Array):
-    def body(_, batch_idx):
-      x = input_pipeline.normalize(images[batch_idx])
-      return None, self.eval_model.apply(variables, x, train=False)
-    _, logits = jax.lax.scan(body, None, idx)
-    return logits.reshape(-1, logits.shape[-1])
 
   def epoch_indices(self, key: jax.Array, epoch: int, num_examples: int
                     ) -> jax.Array:
@@ -233,29 +209,6 @@ class Trainer:
     perm = input_pipeline.epoch_permutation(key, epoch, num_examples)
     return jax.lax.with_sharding_constraint(
         perm[:steps * bs].reshape(steps, bs), self.index_sharding)
-
-  def logits(self, variables: Any, images: jax.Array) -> jax.Array:
-    """Eval-mode logits of every image, in batches of ``eval_batch_size``."""
-    n = images.shape[0]
-    bs = _round_up(min(self.config.eval_batch_size, n), self.num_devices)
-    nb = -(-n // bs)
-    idx = np.minimum(np.arange(nb * bs), n - 1).reshape(nb, bs)
-    idx = jax.make_array_from_callback(idx.shape, self.index_sharding,
-                                       lambda i: idx[i])
-    return self._logits(variables, images, idx)[:n]
-
-  def evaluate(self, variables: Any, images: jax.Array, labels: jax.Array
-               ) -> dict[str, float]:
-    """Loss and accuracy of eval-mode predictions on a whole split."""
-    logits = self.logits(variables, images)
-    _, m = loss_and_metrics(logits, labels, self.num_classes)
-    m = jax.device_get(m)
-    return {'loss': float(m['loss_sum'] / m['count']),
-            'accuracy': float(m['correct'] / m['count'])}
-
-
-def _round_up(x: int, k: int) -> int:
-  return -(-x // k) * k
 
 
 def _chunk_size(steps_per_epoch: int, target: int) -> int:
@@ -293,13 +246,14 @@ def _check_workdir(config: Config, workdir: str) -> None:
   except OSError as e:
     raise CnnJaxError(f'--workdir={workdir} is not writable: '
                       f'{e.strerror or e}') from e
-  path = os.path.join(workdir, 'config.json')
+  path = os.path.join(workdir, workdir_lib.CONFIG)
+  new = json.loads(config.to_json())
   if os.path.exists(path):
-    with open(path) as f:  # Fields added since that run take defaults.
-      old = {**json.loads(Config().to_json()), **json.load(f)}
-    new = json.loads(config.to_json())
-    diff = sorted(k for k in set(old) | set(new)
-                  if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k))
+    # Fields added since that run take their defaults; removed ones (such
+    # as the kernel flags --kernels replaced) are ignored.
+    old = {**json.loads(Config().to_json()), **workdir_lib.read_json(path)}
+    diff = sorted(k for k in new
+                  if k not in RESUMABLE_FIELDS and old.get(k) != new[k])
     if diff:
       shown = ', '.join(f'--{k}={old.get(k)!r}->{new.get(k)!r}'
                         for k in diff[:4])
@@ -307,14 +261,29 @@ def _check_workdir(config: Config, workdir: str) -> None:
                         f'config ({shown}); use a new --workdir to start '
                         'another run')
   if jax.process_index() == 0:
-    _write_json(path, json.loads(config.to_json()))
+    workdir_lib.write_json(path, new)
 
 
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+class _TensorBoard:
+  """Scalar summaries for TensorBoard, written without TensorFlow."""
+
+  def __init__(self, logdir: str):
+    from tensorboard.compat.proto import summary_pb2
+    from tensorboard.summary.writer import event_file_writer
+    self._summary = summary_pb2
+    self._writer = event_file_writer.EventFileWriter(logdir)
+
+  def scalars(self, values: dict[str, float], step: int) -> None:
+    from tensorboard.compat.proto import event_pb2
+    summary = self._summary.Summary(value=[
+        self._summary.Summary.Value(tag=k, simple_value=float(v))
+        for k, v in values.items()])
+    self._writer.add_event(event_pb2.Event(step=step, summary=summary,
+                                           wall_time=time.time()))
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
 
 
 class _Metrics:
@@ -322,12 +291,11 @@ class _Metrics:
 
   def __init__(self, workdir: str):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = os.path.join(workdir, workdir_lib.METRICS)
     self.tb = None
     if self.enabled:
       try:
-        from flax.metrics import tensorboard
-        self.tb = tensorboard.SummaryWriter(os.path.join(workdir, 'tb'))
+        self.tb = _TensorBoard(os.path.join(workdir, 'tb'))
       except ImportError:  # TensorBoard summaries are optional.
         self.tb = None
 
@@ -337,24 +305,13 @@ class _Metrics:
     with open(self.path, 'a') as f:
       f.write(json.dumps(row) + '\n')
     if self.tb:
-      for k, v in row.items():
-        if k not in ('epoch', 'step') and isinstance(v, (int, float)):
-          self.tb.scalar(k, v, row['step'])
-      self.tb.flush()
+      self.tb.scalars({k: v for k, v in row.items()
+                       if k not in ('epoch', 'step')
+                       and isinstance(v, (int, float))}, row['step'])
 
-
-def read_history(workdir: str) -> list[dict[str, Any]]:
-  """The per-epoch metric rows a run wrote (last row per epoch wins)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  rows: dict[int, dict[str, Any]] = {}
-  with open(path) as f:
-    for line in f:
-      if line.strip():
-        row = json.loads(line)
-        rows[row['epoch']] = row
-  return [rows[k] for k in sorted(rows)]
+  def close(self) -> None:
+    if self.tb:
+      self.tb.close()
 
 
 def is_better(config: Config, val: dict[str, float],
@@ -371,25 +328,6 @@ def is_better(config: Config, val: dict[str, float],
   return val['accuracy'] > meta['best_val_accuracy']
 
 
-def build(config: Config, info: input_pipeline.DatasetInfo
-          ) -> tuple[nn.Module, Trainer]:
-  model = models.create_model(config, info.num_classes)
-  return model, Trainer(config, model, info.num_classes)
-
-
-def load_best(config: Config, workdir: str,
-              info: input_pipeline.DatasetInfo
-              ) -> tuple[nn.Module, Trainer, dict[str, Any], dict[str, Any]]:
-  """(model, trainer, best variables, their metadata) from a workdir."""
-  model, trainer = build(config, info)
-  target = jax.device_put(
-      models.init_variables(model, jax.random.PRNGKey(0), info.image_shape),
-      trainer.replicated)  # Restored onto the mesh, also across hosts.
-  ckpt = Checkpointer(workdir, read_only=True)
-  variables, meta = ckpt.restore_best(target)
-  return model, trainer, variables, meta
-
-
 def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   """Trains, checkpoints and tests one run; returns ``results.json``'s dict.
 
@@ -397,10 +335,12 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   reproduces the uninterrupted run.
   """
   _check_workdir(config, workdir)
-  models.create_model(config, 1)  # A bad model spec fails before data loads.
+  registry.create_model(config, 1)  # A bad model fails before data loads.
   data = input_pipeline.load(config)
   info = data.info
-  model, trainer = build(config, info)
+  if jax.process_index() == 0:
+    workdir_lib.write_dataset_info(workdir, info)
+  trainer = Trainer(config, info.num_classes)
   n_train = len(data.train)
   steps_per_epoch = n_train // config.batch_size
   if steps_per_epoch == 0:
@@ -411,7 +351,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   if config.checkpoint_every_steps:
     chunk = math.gcd(chunk, config.checkpoint_every_steps)
 
-  state = create_train_state(config, model, info.image_shape, steps_per_epoch)
+  state = create_train_state(config, trainer.model, info.image_shape,
+                             steps_per_epoch)
   num_params = models.count_params(state.params)
   ckpt = Checkpointer(workdir)
   ckpt.check_space(state)
@@ -429,9 +370,10 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   metrics_out = _Metrics(workdir)
   dkey = data_key(config)
   logging.info('%s on %s: %d params, %d train / %d val / %d test, %d steps '
-               '(%d per epoch), %d device(s) [%s]', config.model, info.name,
-               num_params, n_train, len(data.val), len(data.test), total_steps,
-               steps_per_epoch, trainer.num_devices, jax.default_backend())
+               '(%d per epoch), %d device(s) [%s], kernels %s', config.model,
+               info.name, num_params, n_train, len(data.val), len(data.test),
+               total_steps, steps_per_epoch, trainer.num_devices,
+               jax.default_backend(), config.kernels)
 
   def save_latest(step: int, sums: Any) -> None:
     meta['sums'] = None if sums is None else {
@@ -500,11 +442,10 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         ckpt.save_best(step, variables_of(state),
                        {'epoch': epoch + 1, 'step': step, **val})
       save_latest(step, None)
+  metrics_out.close()
 
-  target = variables_of(state)
-  best, best_meta = ckpt.restore_best(target)
-  test = trainer.evaluate(best, trainer.put(data.test.images),
-                          trainer.put(data.test.labels))
+  best, best_meta = ckpt.restore_best(variables_of(state))
+  test = trainer.evaluate(best, data.test.images, data.test.labels)
   results = {
       'model': config.model, 'dataset': info.name,
       'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
@@ -517,26 +458,13 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       'train_img_per_s': total_steps * config.batch_size / max(
           meta['train_seconds'], 1e-9),
       'num_devices': trainer.num_devices, 'backend': jax.default_backend(),
-      'test_examples': len(data.test),
+      'kernels': config.kernels, 'test_examples': len(data.test),
   }
   if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, 'results.json'), results)
+    workdir_lib.write_json(os.path.join(workdir, workdir_lib.RESULTS), results)
   ckpt.close()
   logging.info('test accuracy %.2f%% (loss %.4f) with the best params (epoch '
                '%d, val acc %.2f%%); %.1fs of training', 100 * test['accuracy'],
                test['loss'], best_meta['epoch'],
                100 * meta['best_val_accuracy'], meta['train_seconds'])
   return results
-
-
-def evaluate_workdir(workdir: str, config: Config) -> dict[str, Any]:
-  """Restores the best params of a finished/ongoing run and tests them."""
-  data = input_pipeline.load(config, splits=('test',))
-  _, trainer, variables, meta = load_best(config, workdir, data.info)
-  test = trainer.evaluate(variables, trainer.put(data.test.images),
-                          trainer.put(data.test.labels))
-  return {'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
-          'best_epoch': meta['epoch'], 'val_accuracy': meta['accuracy'],
-          'test_examples': len(data.test)}
-
-

@@ -11,7 +11,7 @@ run), ``results.md`` (mean ± std over seeds per variant), ``accuracy.png``
 (accuracy vs the study's knob) and ``cost.png`` (accuracy vs training time).
 
 Options other than the ones below that name a `cnn_jax.main` flag
-(``--epochs=3``, ``--conv_impl=xla``, ``--flagfile=my.flags``) are base
+(``--epochs=3``, ``--kernels=flax``, ``--flagfile=my.flags``) are base
 options given to every run. A run's flags, later ones winning: the recipe,
 the study's base, flagfile options, the --quick recipe, command-line
 options, the variant's overrides, the seed. Exit status: 0 when every run
@@ -202,7 +202,7 @@ def stale_error(run: Run) -> str | None:
   """Why a finished workdir cannot stand for `run` (another config), if so."""
   import json
 
-  from cnn_jax.train import RESUMABLE_FIELDS
+  from cnn_jax.config import RESUMABLE_FIELDS
   try:
     with open(os.path.join(run.workdir, 'config.json')) as f:
       old = json.load(f)

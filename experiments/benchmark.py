@@ -10,11 +10,11 @@ repeat, so load from other processes hits them alike; medians are reported.
 
   python experiments/benchmark.py                       # both models, table
   python experiments/benchmark.py --json --models=simple_cnn --repeats=5
-  python experiments/benchmark.py --conv_impl=im2col --peers=     # ours only
+  python experiments/benchmark.py --kernels=flax --peers=     # ours only
   python experiments/benchmark.py --host_devices=2 --single_thread
   python experiments/benchmark.py --whole_run --tfds_data_dir=DIR  # 1 epoch
-  python experiments/benchmark.py --models=deep_cnn --conv_sweep=auto,\
-      im2col_t/hybrid/im2col/im2col --steps=10 --repeats=9  # per-layer convs
+  python experiments/benchmark.py --kernel_sweep --repeats=7  # what each
+                        # CPU kernel adds: flax, cpu, cpu without each one
   python experiments/benchmark.py --profile --host_devices=2 --single_thread
                         # where ours spends a training step, layer by layer
                         # beside PyTorch; per core: taskset -c 0 ... \
@@ -66,17 +66,15 @@ flags.DEFINE_float('learning_rate', 1e-3, 'Adam learning rate.')
 flags.DEFINE_list('peers', ['keras', 'torch'],
                   'Other frameworks to time (keras, torch); ones that are not '
                   'installed are skipped.')
-flags.DEFINE_string('conv_impl', 'auto', 'cnn_jax convolution '
-                    f'implementation: {", ".join(config_lib.CONV_IMPLS)}, or '
-                    'one per conv layer joined by "/".')
-flags.DEFINE_enum('pool_impl', 'auto', config_lib.POOL_IMPLS,
-                  'cnn_jax max-pool implementation.')
+flags.DEFINE_enum('kernels', 'auto', config_lib.KERNELS,
+                  'cnn_jax training layers (see cnn_jax/kernels).')
 flags.DEFINE_enum('dtype', 'float32', config_lib.DTYPES,
                   'cnn_jax compute dtype.')
 flags.DEFINE_integer('host_devices', 0, 'If > 0, split the CPU into this many '
                      'XLA host devices (data parallel over the Trainer mesh).')
-flags.DEFINE_bool('single_thread', False, 'XLA:CPU without its multi-threaded '
-                  'Eigen (--xla_cpu_multi_thread_eigen=false).')
+flags.DEFINE_bool('single_thread', True, 'XLA:CPU without its multi-threaded '
+                  'Eigen, one thread per device (the cnn_jax default, '
+                  'cnn_jax/runtime.py); --nosingle_thread lets XLA use it.')
 flags.DEFINE_string('xla_flags', '', 'Extra XLA_FLAGS for cnn_jax.')
 flags.DEFINE_bool('tiny', False, 'A few steps on small batches (for tests).')
 flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
@@ -86,10 +84,10 @@ flags.DEFINE_bool('whole_run', False, 'Instead: time one whole epoch of '
 flags.DEFINE_bool('fast', False, 'With --whole_run: ours runs '
                   'experiments/configs/fast.flags, Keras its tutorial recipe '
                   '(batch 64, 3 epochs): time to 99% test accuracy.')
-flags.DEFINE_list('conv_sweep', [], 'Instead: time whole training steps of '
-                  'the first of --models for each --conv_impl value listed, '
-                  'e.g. "auto,im2col_t/im2col/im2col" (taking turns, through '
-                  'Trainer.train_chunk; ours only).')
+flags.DEFINE_bool('kernel_sweep', False, 'Instead: time whole training '
+                  'steps of each of --models with stock Flax layers, with '
+                  'every CPU kernel, and with every CPU kernel but one '
+                  '(taking turns; ours only): what each kernel adds.')
 flags.DEFINE_bool('profile', False, 'Instead: trace one training chunk of '
                   'ours per model with jax.profiler and print the XLA ops '
                   'that take the most time, with the layer each came from, '
@@ -140,14 +138,10 @@ def settings() -> dict[str, Any]:
            steps=FLAGS.steps, warmup=FLAGS.warmup, repeats=FLAGS.repeats,
            eval_examples=FLAGS.eval_examples,
            eval_batch_size=FLAGS.eval_batch_size,
-           learning_rate=FLAGS.learning_rate, conv_impl=FLAGS.conv_impl,
-           pool_impl=FLAGS.pool_impl, dtype=FLAGS.dtype,
-           peers=[p for p in FLAGS.peers if p])
-  try:
-    config_lib.validate(config_lib.Config(conv_impl=s['conv_impl']))
-  except config_lib.CnnJaxError as e:
-    raise SystemExit(f'error: {e}')
-  unknown = ([m for m in s['models'] if m not in config_lib.MODELS]
+           learning_rate=FLAGS.learning_rate, kernels=FLAGS.kernels,
+           dtype=FLAGS.dtype, peers=[p for p in FLAGS.peers if p])
+  from cnn_jax.registry import MODELS
+  unknown = ([m for m in s['models'] if m not in MODELS]
              + [p for p in s['peers'] if p not in RUNNERS])
   if unknown:
     raise SystemExit(f'error: unknown --models/--peers entries: {unknown}')
@@ -163,17 +157,23 @@ class JaxRunner:
 
   name = 'cnn_jax'
 
-  def __init__(self, model_name: str, s: dict[str, Any], data: tuple):
+  def __init__(self, model_name: str, s: dict[str, Any], data: tuple,
+               layers: dict[str, Any] | None = None):
+    """``layers`` (model fields -> layer types) overrides ``--kernels``."""
     import jax
     from cnn_jax import models, train
     self.jax = jax
     self.config = config_lib.Config(
         model=model_name, batch_size=s['batch_size'], optimizer='adam',
-        learning_rate=s['learning_rate'], conv_impl=s['conv_impl'],
-        pool_impl=s['pool_impl'], dtype=s['dtype'],
-        eval_batch_size=s['eval_batch_size'])
-    self.model = models.create_model(self.config, NUM_CLASSES)
-    self.trainer = train.Trainer(self.config, self.model, NUM_CLASSES)
+        learning_rate=s['learning_rate'], kernels=s['kernels'],
+        dtype=s['dtype'], eval_batch_size=s['eval_batch_size'])
+    self.trainer = train.Trainer(self.config, NUM_CLASSES)
+    if layers is not None:
+      model = self.trainer.model
+      fields = set(model.__dataclass_fields__)
+      self.trainer.model = model.clone(
+          **{k: v for k, v in layers.items() if k in fields})
+    self.model = self.trainer.model
     state = train.create_train_state(self.config, self.model, IMAGE_SHAPE,
                                      s['steps'])
     self.state = jax.device_put(state, self.trainer.replicated)
@@ -194,7 +194,7 @@ class JaxRunner:
       raise FloatingPointError(f'{self.name}: loss {loss}')
 
   def evaluate(self) -> None:
-    logits = self.trainer.logits(self.variables_of(self.state),
+    logits = self.trainer.predictor.logits(self.variables_of(self.state),
                                  self.eval_images)
     self.jax.block_until_ready(logits)
 
@@ -202,8 +202,7 @@ class JaxRunner:
     jax = self.jax
     out: dict[str, Any] = {
         'backend': jax.default_backend(), 'num_devices': jax.device_count(),
-        'conv_impl': self.config.conv_impl,
-        'pool_impl': self.config.pool_impl, 'dtype': self.config.dtype,
+        'kernels': self.config.kernels, 'dtype': self.config.dtype,
         'num_params': self.num_params,
         'xla_flags': os.environ.get('XLA_FLAGS', '')}
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -483,33 +482,44 @@ def benchmark(s: dict[str, Any]) -> dict[str, Any]:
   return results
 
 
-# Conv sweep: one impl per layer, whole training steps -------------------------
-def conv_sweep(s: dict[str, Any]) -> dict[str, Any]:
-  """Training img/s of the first model for each conv_impl choice, in turns."""
+# Kernel sweep: what each CPU kernel adds to a whole training step ----------
+def kernel_variants() -> dict[str, dict[str, Any]]:
+  """Layer overrides by name: flax, cpu, and cpu without each kernel."""
+  from cnn_jax import kernels
+  out: dict[str, dict[str, Any]] = {'flax': {}, 'cpu': kernels.cpu_layers()}
+  for left_out in kernels.CPU_LAYERS:
+    out[f'cpu-{left_out}'] = kernels.cpu_layers(
+        [k for k in kernels.CPU_LAYERS if k != left_out])
+  return out
+
+
+def kernel_sweep(s: dict[str, Any]) -> dict[str, Any]:
+  """Training img/s of each model per kernel variant, taking turns."""
   n = s['steps'] * s['batch_size']
   images, labels = synthetic_data(n)
   data = (images, labels, images[:s['eval_batch_size']])  # No eval timed.
-  runs = {}
-  for spec in FLAGS.conv_sweep:
-    try:
-      config_lib.validate(config_lib.Config(conv_impl=spec))
-      run = JaxRunner(s['models'][0], {**s, 'conv_impl': spec}, data).train
-    except config_lib.CnnJaxError as e:
-      raise SystemExit(f'error: --conv_sweep entry {spec!r}: {e}')
-    first = timed(run)
-    for _ in range(s['warmup']):
-      run()
-    runs[spec] = (run, first, [])
-  for _ in range(s['repeats']):
-    for run, _, times in runs.values():
-      times.append(timed(run))
-  out = {}
-  for spec, (_, first, times) in runs.items():
-    t = statistics.median(times)
-    out[spec] = {'train_img_per_s': n / t,
-                 'compile_seconds': max(0.0, first - t),
-                 'train_img_per_s_each': [n / x for x in times]}
-  return {'conv_sweep': out, 'settings': {
+  out: dict[str, Any] = {}
+  for model_name in s['models']:
+    runs = {}
+    for name, layers in kernel_variants().items():
+      if name == 'cpu-norm' and model_name == 'simple_cnn':
+        continue  # SimpleCNN has no batch norm or dropout.
+      if name == 'cpu-dropout' and model_name == 'simple_cnn':
+        continue
+      run = JaxRunner(model_name, s, data, layers).train
+      first = timed(run)
+      for _ in range(s['warmup']):
+        run()
+      runs[name] = (run, first, [])
+    for _ in range(s['repeats']):
+      for run, _, times in runs.values():
+        times.append(timed(run))
+    out[model_name] = {
+        name: {'train_img_per_s': n / statistics.median(times),
+               'compile_seconds': max(0.0, first - statistics.median(times)),
+               'train_img_per_s_each': [n / x for x in times]}
+        for name, (_, first, times) in runs.items()}
+  return {'kernel_sweep': out, 'settings': {
       **s, 'load_average_1min': os.getloadavg()[0]}}
 
 
@@ -659,6 +669,7 @@ def whole_run(s: dict[str, Any]) -> dict[str, Any]:
   data_dir = default_data_dir()
   out: dict[str, Any] = {}
   from cnn_jax import config_flags, train
+  from cnn_jax import workdir as workdir_lib
   if FLAGS.fast:
     config = config_flags.config_from_flagfile(
         os.path.join(REPO, 'experiments', 'configs', 'fast.flags'),
@@ -666,14 +677,14 @@ def whole_run(s: dict[str, Any]) -> dict[str, Any]:
   else:
     config = config_lib.Config(
         model='simple_cnn', epochs=1, batch_size=s['batch_size'],
-        learning_rate=s['learning_rate'], conv_impl=s['conv_impl'],
-        pool_impl=s['pool_impl'], dtype=s['dtype'], tfds_data_dir=data_dir,
+        learning_rate=s['learning_rate'], kernels=s['kernels'],
+        dtype=s['dtype'], tfds_data_dir=data_dir,
         download=False)
   with tempfile.TemporaryDirectory() as workdir:
     t0 = time.perf_counter()
     res = train.train_and_evaluate(config, workdir)
     wall = time.perf_counter() - t0
-    epoch = train.read_history(workdir)[0]
+    epoch = workdir_lib.read_history(workdir)[0]
   out['cnn_jax'] = {'wall_seconds': wall, 'epochs': config.epochs,
                     'epoch_seconds': epoch['epoch_seconds'],
                     'train_img_per_s': res['train_img_per_s'],
@@ -745,10 +756,11 @@ def table(results: dict[str, Any]) -> str:
                     'per-layer times profile one device on one core)')
       rows += _layer_rows(r)
     return '\n'.join(rows)
-  if 'conv_sweep' in results:
-    return '\n'.join(f'{spec:28s} {f["train_img_per_s"]:7.0f} img/s  compile '
-                     f'{f["compile_seconds"]:.1f}s'
-                     for spec, f in results['conv_sweep'].items())
+  if 'kernel_sweep' in results:
+    return '\n'.join(f'{model:10s} {name:12s} {f["train_img_per_s"]:7.0f} '
+                     f'img/s  compile {f["compile_seconds"]:.1f}s'
+                     for model, by in results['kernel_sweep'].items()
+                     for name, f in by.items())
   if 'whole_run' in results:
     w = results['whole_run']
     return '\n'.join(f'{k:8s} ' + '  '.join(f'{m}={v:.4g}' for m, v in
@@ -793,18 +805,14 @@ def _layer_rows(r: dict[str, Any]) -> list[str]:
 
 
 def configure_xla() -> None:
-  """Sets XLA_FLAGS from the flags; must run before JAX is imported."""
+  """Sets XLA_FLAGS from the flags and cnn_jax's defaults, before JAX runs."""
+  from cnn_jax import runtime
   extra = FLAGS.xla_flags.split()
-  if FLAGS.host_devices:
-    extra.append(
-        f'--xla_force_host_platform_device_count={FLAGS.host_devices}')
-  if FLAGS.single_thread:
-    extra.append('--xla_cpu_multi_thread_eigen=false')
-  if extra:
-    if 'jax' in sys.modules:
-      raise RuntimeError('XLA flags must be set before JAX is imported')
-    os.environ['XLA_FLAGS'] = ' '.join(
-        [os.environ.get('XLA_FLAGS', '')] + extra).strip()
+  if not FLAGS.single_thread:
+    extra.append('--xla_cpu_multi_thread_eigen=true')
+  os.environ['XLA_FLAGS'] = ' '.join(
+      [os.environ.get('XLA_FLAGS', '')] + extra).strip()
+  runtime.configure_xla(host_devices=FLAGS.host_devices or 1)
 
 
 def main(argv: list[str]) -> None:
@@ -814,8 +822,8 @@ def main(argv: list[str]) -> None:
   s = settings()
   if FLAGS.profile:
     results = profile(s)
-  elif FLAGS.conv_sweep:
-    results = conv_sweep(s)
+  elif FLAGS.kernel_sweep:
+    results = kernel_sweep(s)
   elif FLAGS.whole_run:
     results = whole_run(s)
   else:

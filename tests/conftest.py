@@ -11,7 +11,12 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import tensorflow_datasets as tfds  # noqa: E402
 
+from cnn_jax import runtime  # noqa: E402
 from cnn_jax.config import Config  # noqa: E402
+
+# The entry points' XLA defaults, one device per test process (tests that
+# need several set them in a subprocess).
+runtime.configure_xla(host_devices=1)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MOCK_EXAMPLES = 256  # Per split under mock_data.

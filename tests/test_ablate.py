@@ -139,12 +139,12 @@ def test_cli_usage_error_has_no_traceback(tmp_path):
 def test_dry_run_lists_pending_commands(capsys, tmp_path):
   code, out, _ = _main(capsys, '--study=batchnorm_dropout', '--quick',
                        '--dry_run', f'--out={tmp_path}', '--seeds=1',
-                       '--variants=nobn_drop0.5', '--conv_impl=xla')
+                       '--variants=nobn_drop0.5', '--kernels=flax')
   assert code == 0
   cmd = [line for line in out.splitlines() if 'cnn_jax.main' in line]
   assert len(cmd) == 1
   for flag in ('--model=deep_cnn', '--batch_norm=false',
-               '--dropout_rate=0.5', '--conv_impl=xla', '--epochs=1',
+               '--dropout_rate=0.5', '--kernels=flax', '--epochs=1',
                '--seed=0', f'--workdir={tmp_path}/batchnorm_dropout/runs/'
                'nobn_drop0.5_seed0'):
     assert flag in cmd[0]

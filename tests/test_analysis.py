@@ -14,31 +14,24 @@ import optax
 from PIL import Image
 import pytest
 
-from cnn_jax import input_pipeline, train
+from cnn_jax import inference, input_pipeline
 from cnn_jax.analysis import intermediates, metrics, report
 from cnn_jax.config import CnnJaxError
 
 from conftest import MOCK_EXAMPLES
 
-MNIST_INFO = input_pipeline.DatasetInfo(
-    name='mnist', num_classes=10, class_names=tuple(str(i) for i in range(10)),
-    image_shape=(28, 28, 1))
-
-
 @pytest.fixture(scope='module')
 def simple_model(trained_simple):
   """(model, best variables) of the trained SimpleCNN."""
-  config, workdir = trained_simple
-  model, _, variables, _ = train.load_best(config, workdir, MNIST_INFO)
-  return model, variables
+  restored = inference.restore(trained_simple[1])
+  return restored.model, restored.variables
 
 
 @pytest.fixture(scope='module')
 def deep_model(trained_deep):
   """(model, best variables) of the trained DeepCNN."""
-  config, workdir = trained_deep
-  model, _, variables, _ = train.load_best(config, workdir, MNIST_INFO)
-  return model, variables
+  restored = inference.restore(trained_deep[1])
+  return restored.model, restored.variables
 
 
 def _images(n: int, seed: int = 0) -> jax.Array:

@@ -110,22 +110,25 @@ def _benchmark(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_conv_sweep_times_each_per_layer_choice_of_the_model():
-  specs = ['auto', 'im2col_t/hybrid/im2col/im2col']
-  proc = _benchmark('--models=deep_cnn', f'--conv_sweep={",".join(specs)}',
-                    '--json')
+def test_kernel_sweep_times_stock_flax_all_kernels_and_all_but_one():
+  proc = _benchmark('--models=simple_cnn,deep_cnn', '--kernel_sweep', '--json')
   assert proc.returncode == 0, proc.stderr[-3000:]
-  sweep = json.loads(proc.stdout)['conv_sweep']
-  assert list(sweep) == specs
-  assert all(_positive(f['train_img_per_s']) for f in sweep.values())
+  sweep = json.loads(proc.stdout)['kernel_sweep']
+  assert list(sweep['deep_cnn']) == ['flax', 'cpu', 'cpu-conv', 'cpu-pool',
+                                     'cpu-norm', 'cpu-dropout']
+  # SimpleCNN has no batch norm or dropout to leave out.
+  assert list(sweep['simple_cnn']) == ['flax', 'cpu', 'cpu-conv', 'cpu-pool']
+  assert all(_positive(f['train_img_per_s'])
+             for by in sweep.values() for f in by.values())
 
 
-def test_conv_sweep_rejects_a_wrong_layer_count_in_one_line():
-  proc = _benchmark('--models=simple_cnn', '--conv_sweep=im2col/im2col')
+def test_bad_model_or_kernels_are_one_line():
+  proc = _benchmark('--models=resnet')
   assert proc.returncode != 0
-  assert proc.stderr.strip().splitlines()[-1] == (
-      "error: --conv_sweep entry 'im2col/im2col': --conv_impl='im2col/im2col' "
-      'names 2 implementations; the model has 3 conv layers')
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      "error: unknown --models/--peers entries: ['resnet']")
+  proc = _benchmark('--kernels=fast')
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
 
 
 def test_times_the_checkout_it_is_in_not_the_installed_package(tmp_path):

@@ -8,13 +8,14 @@ import jax
 import numpy as np
 import pytest
 
-from cnn_jax import models, train
+from cnn_jax import models, registry, train
+from cnn_jax import workdir as workdir_lib
 from cnn_jax.checkpointing import Checkpointer
 from cnn_jax.config import Config, CnnJaxError
 
 
 def _state(config: Config):
-  model = models.create_model(config, 10)
+  model = registry.create_model(config, 10)
   return train.create_train_state(config, model, (28, 28, 1), 10)
 
 
@@ -70,9 +71,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
 def test_best_checkpoint_of_a_run_is_the_best_validation_epoch(
     trained_simple):
   config, workdir = trained_simple
-  history = train.read_history(workdir)
+  history = workdir_lib.read_history(workdir)
   best_epoch = 1 + int(np.argmax([r['val_accuracy'] for r in history]))
-  target = models.init_variables(models.create_model(config, 10),
+  target = models.init_variables(registry.create_model(config, 10),
                                  jax.random.PRNGKey(0), (28, 28, 1))
   _, meta = Checkpointer(workdir, read_only=True).restore_best(target)
   assert meta['epoch'] == best_epoch
@@ -83,7 +84,7 @@ def test_best_checkpoint_of_a_run_is_the_best_validation_epoch(
 
 def test_mismatched_model_is_a_clear_error(trained_simple):
   _, workdir = trained_simple
-  other = models.create_model(Config(width_multiplier=2.0), 10)
+  other = registry.create_model(Config(width_multiplier=2.0), 10)
   target = models.init_variables(other, jax.random.PRNGKey(0), (28, 28, 1))
   with pytest.raises(CnnJaxError, match='does not match'):
     Checkpointer(workdir, read_only=True).restore_best(target)

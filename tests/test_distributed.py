@@ -172,9 +172,9 @@ def test_two_process_train_and_evaluate_on_mnist(tmp_path):
     assert steps == ['8'], (name, steps)
 
   # One process on one device restores the best params and agrees.
-  from cnn_jax import train
+  from cnn_jax import evaluate
   config = Config.from_dict(json.loads((workdir / 'config.json').read_text()))
-  evaluated = train.evaluate_workdir(str(workdir), config)
+  evaluated = evaluate.evaluate_workdir(str(workdir), config)
   assert evaluated['test_examples'] == 256
   assert evaluated['test_accuracy'] == pytest.approx(
       printed[0]['test_accuracy'], abs=1e-6)

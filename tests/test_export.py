@@ -10,11 +10,10 @@ import sys
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
-from cnn_jax import export, input_pipeline, train
+from cnn_jax import export, inference
 from cnn_jax.config import CnnJaxError
-from conftest import MOCK_EXAMPLES, tiny_config
+from conftest import tiny_config
 
 # Runs a script with `import cnn_jax` made impossible.
 WITHOUT_CNN_JAX = '''
@@ -32,18 +31,18 @@ assert not any(m.split('.')[0] == 'cnn_jax' for m in sys.modules)
 
 @pytest.fixture(scope='module')
 def exported(trained_simple):
-  """(export dir, info, trainer, best variables) of the tiny trained run."""
+  """(export dir, info, predictor, best variables) of the tiny trained run.
+
+  Exported from the workdir alone: no TFDS (not even mocked) is needed.
+  """
   config, workdir = trained_simple
-  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
-    out = export.export(config, workdir)
-    info = input_pipeline.dataset_info(input_pipeline.get_builder(config))
-  _, trainer, variables, _ = train.load_best(config, workdir, info)
-  return out, info, trainer, variables
+  out = export.export(config, workdir)
+  restored = inference.restore(workdir)
+  return out, restored.info, restored.predictor(), restored.variables
 
 
-def in_process(trainer, variables, images: np.ndarray) -> np.ndarray:
-  logits = trainer.logits(variables, trainer.put(images))
-  return np.asarray(jax.nn.softmax(logits, axis=-1))
+def in_process(predictor, variables, images: np.ndarray) -> np.ndarray:
+  return predictor.probabilities(variables, images)
 
 
 def sample_images(n: int, seed: int = 0) -> np.ndarray:
@@ -126,7 +125,10 @@ def test_saved_model_matches(exported):
                                                        images), atol=1e-5)
 
 
-def test_export_needs_a_checkpoint(mock_tfds, tmp_path):
+def test_export_needs_a_checkpoint(tmp_path):
   config = tiny_config(tmp_path / 'tfds')
+  with pytest.raises(CnnJaxError, match='does not exist'):
+    export.export(config, str(tmp_path / 'no_run'))
+  (tmp_path / 'empty_run').mkdir()
   with pytest.raises(CnnJaxError, match='no checkpoint'):
     export.export(config, str(tmp_path / 'empty_run'))

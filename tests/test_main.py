@@ -29,8 +29,7 @@ def _cli(*args, env=None, timeout=120):
     (['--dropout_rate=1.5'], '--dropout_rate must be in [0, 1)'),
     (['--mode=serve'], "unknown --mode='serve'"),
     (['--dataset=not_a_dataset'], "unknown --dataset='not_a_dataset'"),
-    (['--conv_impl=im2col/fft/xla'], "unknown --conv_impl='im2col/fft/xla'"),
-    (['--conv_impl=im2col/xla'], 'names 2 implementations; the model has 3'),
+    (['--kernels=fast'], "unknown --kernels='fast'"),
 ])
 def test_bad_flags_fail_with_one_line_and_no_traceback(tmp_path, args,
                                                        message):

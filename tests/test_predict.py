@@ -11,13 +11,12 @@ import zlib
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
-from cnn_jax import input_pipeline, predict, train
+from cnn_jax import input_pipeline, predict, registry
 from cnn_jax.config import Config, CnnJaxError
 from cnn_jax.preprocess_image import PreprocessError, mnist_style, to_unit_range
-from conftest import MOCK_EXAMPLES, real_tfds_dir
+from conftest import real_tfds_dir
 
 
 # Fixture images, drawn here rather than committed. ---------------------------
@@ -71,8 +70,7 @@ def real_mnist() -> np.ndarray:
 def classifier(trained_simple) -> predict.Classifier:
   """The tiny trained run, restored once for this module."""
   config, workdir = trained_simple
-  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
-    return predict.Classifier.restore(config, workdir)
+  return predict.Classifier.restore(config, workdir)
 
 
 # Preprocessing ------------------------------------------------------------
@@ -258,7 +256,7 @@ def write_inputs(folder: pathlib.Path) -> list[str]:
                                     'batch.npy', 'empty.png', 'nothere.gif')]
 
 
-def test_predict_json(trained_simple, classifier, mock_tfds, tmp_path, capsys):
+def test_predict_json(trained_simple, classifier, tmp_path, capsys):
   config, workdir = trained_simple
   paths = write_inputs(tmp_path)
   code = predict.main(config, workdir, paths, as_json=True)
@@ -274,7 +272,7 @@ def test_predict_json(trained_simple, classifier, mock_tfds, tmp_path, capsys):
   good = [r for r in records if 'error' not in r]
   # The same numbers as the model applied directly to the preprocessed input.
   info, variables = classifier.info, classifier.variables
-  model, _ = train.build(config, info)
+  model = registry.create_model(config, info.num_classes)
   items = predict.load_inputs(paths, (28, 28))
   images = np.stack([it.image for it in items if it.error is None])
   expected = np.asarray(jax.nn.softmax(model.apply(

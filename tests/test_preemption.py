@@ -19,7 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from cnn_jax import models, train
+from cnn_jax import registry, train
+from cnn_jax import workdir as workdir_lib
 from cnn_jax.checkpointing import Checkpointer
 from cnn_jax.config import Config
 from helpers import procs
@@ -77,7 +78,7 @@ def _wait_for_checkpoint(proc: subprocess.Popen, workdir: pathlib.Path,
 
 def _final_state(workdir: pathlib.Path):
   config = Config(epochs=4, batch_size=32)
-  model = models.create_model(config, 10)
+  model = registry.create_model(config, 10)
   target = train.create_train_state(config, model, (28, 28, 1), 6)
   ckpt = Checkpointer(str(workdir))
   try:
@@ -94,8 +95,8 @@ def _assert_same_run(a: pathlib.Path, b: pathlib.Path) -> None:
               'steps'):
     assert ra[key] == rb[key], key
   keys = ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy')
-  assert ([[r[k] for k in keys] for r in train.read_history(str(a))] ==
-          [[r[k] for k in keys] for r in train.read_history(str(b))])
+  assert ([[r[k] for k in keys] for r in workdir_lib.read_history(str(a))] ==
+          [[r[k] for k in keys] for r in workdir_lib.read_history(str(b))])
   sa, sb = _final_state(a), _final_state(b)
   assert int(sa.step) == int(sb.step) == ra['steps']
   for x, y in zip(jax.tree_util.tree_leaves((sa.params, sa.opt_state)),

@@ -81,11 +81,11 @@ def test_eval_logits_on_8_devices_equal_1(runs, model):
 def test_batch_size_must_divide_by_device_count():
   script = (
       'import jax\n'
-      'from cnn_jax import models, train\n'
+      'from cnn_jax import train\n'
       'from cnn_jax.config import Config, CnnJaxError\n'
       'config = Config(batch_size=12)\n'
       'try:\n'
-      '  train.Trainer(config, models.create_model(config, 10), 10)\n'
+      '  train.Trainer(config, 10)\n'
       'except CnnJaxError as e:\n'
       '  print(f"{jax.device_count()}|{e}")\n')
   proc = run_python(['-c', script], jax_env(NUM_DEVICES), 120)

@@ -9,7 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from cnn_jax import models, train
+from cnn_jax import losses, registry, train
+from cnn_jax import workdir as workdir_lib
 from cnn_jax.checkpointing import Checkpointer
 from cnn_jax.config import Config, CnnJaxError
 from conftest import tiny_config
@@ -17,7 +18,7 @@ from conftest import tiny_config
 
 def _state_and_batch(model_name: str, **kw):
   config = Config(model=model_name, learning_rate=3e-3, **kw)
-  model = models.create_model(config, 10)
+  model = registry.create_model(config, 10)
   state = train.create_train_state(config, model, (28, 28, 1), 10)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (32, 28, 28, 1), dtype=np.uint8)
@@ -99,7 +100,7 @@ def test_run_writes_results_metrics_and_checkpoints(mock_tfds, tmp_path):
     assert json.load(f) == results
   with open(os.path.join(workdir, 'config.json')) as f:
     assert Config.from_dict(json.load(f)) == config
-  history = train.read_history(workdir)
+  history = workdir_lib.read_history(workdir)
   assert [r['epoch'] for r in history] == [1, 2]
   assert results['best_val_accuracy'] == max(r['val_accuracy']
                                              for r in history)
@@ -112,7 +113,7 @@ def test_best_metric_val_loss_keeps_the_lowest_val_loss_epoch(mock_tfds,
   config = tiny_config(tmp_path / 'tfds', epochs=3, best_metric='val_loss')
   workdir = str(tmp_path / 'run')
   results = train.train_and_evaluate(config, workdir)
-  history = train.read_history(workdir)
+  history = workdir_lib.read_history(workdir)
   best = min(history, key=lambda r: r['val_loss'])
   assert results['best_epoch'] == best['epoch']
   assert results['best_val_loss'] == best['val_loss']
@@ -132,7 +133,7 @@ def test_is_better_follows_the_chosen_metric():
 
 
 def _params_of(workdir: str, config: Config):
-  model = models.create_model(config, 10)
+  model = registry.create_model(config, 10)
   target = train.create_train_state(config, model, (28, 28, 1), 1)
   state, meta = Checkpointer(workdir).restore_latest(target)
   return state, meta
@@ -145,8 +146,8 @@ def test_same_seed_gives_identical_runs_and_other_seed_differs(mock_tfds,
   a = train.train_and_evaluate(config, str(tmp_path / 'a'))
   b = train.train_and_evaluate(config, str(tmp_path / 'b'))
   c = train.train_and_evaluate(config.replace(seed=1), str(tmp_path / 'c'))
-  assert train.read_history(str(tmp_path / 'a'))[0]['train_loss'] == \
-      train.read_history(str(tmp_path / 'b'))[0]['train_loss']
+  assert workdir_lib.read_history(str(tmp_path / 'a'))[0]['train_loss'] == \
+      workdir_lib.read_history(str(tmp_path / 'b'))[0]['train_loss']
   assert a['test_loss'] == b['test_loss']
   assert a['test_loss'] != c['test_loss']
 
@@ -179,8 +180,8 @@ def test_interrupted_run_resumes_to_the_same_params(mock_tfds, tmp_path,
   assert 0 < saved_step < full['steps']
   resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
   assert resumed['test_loss'] == full['test_loss']
-  assert train.read_history(str(tmp_path / 'resumed')) [-1]['train_loss'] == \
-      train.read_history(str(tmp_path / 'full'))[-1]['train_loss']
+  assert workdir_lib.read_history(str(tmp_path / 'resumed')) [-1]['train_loss'] == \
+      workdir_lib.read_history(str(tmp_path / 'full'))[-1]['train_loss']
   a, _ = _params_of(str(tmp_path / 'full'), config)
   b, _ = _params_of(str(tmp_path / 'resumed'), config)
   for x, y in zip(jax.tree_util.tree_leaves(a.params),
@@ -280,7 +281,7 @@ def test_real_full_disk_errors_clearly_and_keeps_saved_work(mock_tfds,
   ballast.unlink()
   results = train.train_and_evaluate(config, workdir)  # Resumes and ends.
   assert results['steps'] == 12
-  assert [r['epoch'] for r in train.read_history(workdir)] == [1, 2]
+  assert [r['epoch'] for r in workdir_lib.read_history(workdir)] == [1, 2]
 
 
 def test_batch_larger_than_train_set_is_an_error(mock_tfds, tmp_path):
@@ -292,7 +293,7 @@ def test_batch_larger_than_train_set_is_an_error(mock_tfds, tmp_path):
 def test_label_smoothing_raises_loss_of_confident_predictions():
   logits = jnp.array([[20.0, 0.0, 0.0]])
   labels = jnp.array([0])
-  plain, _ = train.loss_and_metrics(logits, labels, 3)
-  smooth, _ = train.loss_and_metrics(logits, labels, 3, label_smoothing=0.1)
+  plain, _ = losses.loss_and_metrics(logits, labels, 3)
+  smooth, _ = losses.loss_and_metrics(logits, labels, 3, label_smoothing=0.1)
   assert float(smooth) > float(plain)
   assert optax  # The loss is optax's softmax cross-entropy.

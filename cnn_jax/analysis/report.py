@@ -1,6 +1,6 @@
 """`analyze`: an HTML report on a run's best checkpoint, from its workdir.
 
-It restores the best params (`train.load_best`), evaluates them on the test
+It restores the best params (`inference.restore`), evaluates them on the test
 split, and writes under ``workdir/analysis/``: PNG figures (training history,
 samples, feature maps of every conv/BN/pool stage, filters, confusion matrix,
 per-class scores, predictions gallery, saliency, calibration),
@@ -22,9 +22,10 @@ from absl import logging
 import jax.numpy as jnp
 import numpy as np
 
-from cnn_jax import input_pipeline, models, train
+from cnn_jax import evaluate as evaluate_lib
+from cnn_jax import inference, input_pipeline, models
+from cnn_jax import workdir as workdir_lib
 from cnn_jax.analysis import intermediates, metrics, plots
-from cnn_jax.checkpointing import Checkpointer
 from cnn_jax.config import Config, CnnJaxError
 
 NUM_SAMPLES = 32
@@ -62,21 +63,6 @@ def evaluate(logits: np.ndarray, labels: np.ndarray, num_classes: int
       loss=metrics.cross_entropy(logits, labels), cm=cm,
       scores=metrics.per_class_metrics(cm),
       calibration=metrics.calibration(confidences, predictions == labels))
-
-
-def _require_checkpoint(workdir: str) -> None:
-  """Fails fast, before any data is read, when there is nothing to analyze."""
-  if not os.path.isdir(workdir):
-    raise CnnJaxError(f'--workdir={workdir} does not exist; train first with '
-                      '--mode=train and the same --workdir')
-  ckpt = Checkpointer(workdir, read_only=True)
-  try:
-    found = ckpt.has_best()
-  finally:
-    ckpt.close()
-  if not found:
-    raise CnnJaxError(f'no checkpoint found in {ckpt.root}/best; train first '
-                      'with --mode=train and the same --workdir')
 
 
 def _check_examples(examples: Sequence[int], n: int) -> list[int]:
@@ -317,14 +303,15 @@ def analyze(config: Config, workdir: str,
   Raises CnnJaxError when the workdir holds no best checkpoint or an index
   is out of range.
   """
-  _require_checkpoint(workdir)
+  restored = inference.restore(workdir, config)
+  model, variables, meta = restored.model, restored.variables, restored.meta
   data = input_pipeline.load(config, splits=('test',))
-  info, test = data.info, data.test
+  info, test = restored.info, data.test
+  evaluate_lib.check_compatible(info, data.info)
   if not len(test):
     raise CnnJaxError(f'the test split of {info.name!r} is empty')
   examples = _check_examples(examples, len(test))
-  model, trainer, variables, meta = train.load_best(config, workdir, info)
-  logits = np.asarray(trainer.logits(variables, trainer.put(test.images)))
+  logits = np.asarray(restored.predictor().logits(variables, test.images))
   ev = evaluate(logits, test.labels, info.num_classes)
   names = [str(n) for n in info.class_names]
 
@@ -332,7 +319,7 @@ def analyze(config: Config, workdir: str,
   os.makedirs(out_dir, exist_ok=True)
   _clean_previous(out_dir)
   files = _Files(out_dir)
-  history = train.read_history(workdir)
+  history = workdir_lib.read_history(workdir)
   files.add('history', plots.history(history, files.path('history.png')))
   n = min(NUM_SAMPLES, len(test))
   files.add('samples', plots.samples(

@@ -28,8 +28,8 @@ STEPS = 6
 def logits_of_both_dtypes() -> dict[str, np.ndarray]:
   import jax
   import jax.numpy as jnp
-  from cnn_jax import input_pipeline, models
-  nets = {dtype: models.create_model(
+  from cnn_jax import input_pipeline, models, registry
+  nets = {dtype: registry.create_model(
       train_steps.make_config('simple_cnn', dtype), train_steps.NUM_CLASSES)
       for dtype in ('float32', 'bfloat16')}
   variables = models.init_variables(nets['float32'], jax.random.PRNGKey(0),
@@ -50,10 +50,10 @@ def logits_of_both_dtypes() -> dict[str, np.ndarray]:
 def train_bf16_deep_cnn() -> dict[str, np.ndarray]:
   import jax
   import jax.numpy as jnp
-  from cnn_jax import models, train
+  from cnn_jax import train
   config = train_steps.make_config('deep_cnn', 'bfloat16', learning_rate=1e-2)
-  net = models.create_model(config, train_steps.NUM_CLASSES)
-  trainer = train.Trainer(config, net, train_steps.NUM_CLASSES)
+  trainer = train.Trainer(config, train_steps.NUM_CLASSES)
+  net = trainer.model
   state = jax.device_put(
       train.create_train_state(config, net, train_steps.IMAGE_SHAPE, STEPS),
       trainer.replicated)

@@ -79,9 +79,9 @@ def _flat(prefix: str, tree: Any) -> dict[str, np.ndarray]:
 def initial_state(model_name: str, dtype: str) -> Any:
   """The initial TrainState of the model, as host (numpy) arrays."""
   import jax
-  from cnn_jax import models, train
+  from cnn_jax import registry, train
   config = make_config(model_name, dtype)
-  model = models.create_model(config, NUM_CLASSES)
+  model = registry.create_model(config, NUM_CLASSES)
   return jax.device_get(
       train.create_train_state(config, model, IMAGE_SHAPE, STEPS))
 
@@ -91,15 +91,14 @@ def run(model_name: str, num_devices: int, dtype: str, host_state: Any
   """Trains STEPS steps from ``host_state`` on the first ``num_devices``."""
   import jax
   from jax.sharding import Mesh
-  from cnn_jax import models, train
+  from cnn_jax import train
   mesh = Mesh(np.array(jax.devices()[:num_devices]), ('data',))
   config = make_config(model_name, dtype)
-  model = models.create_model(config, NUM_CLASSES)
-  trainer = train.Trainer(config, model, NUM_CLASSES, mesh=mesh)
+  trainer = train.Trainer(config, NUM_CLASSES, mesh=mesh)
   state = jax.device_put(host_state, trainer.replicated)
   images, labels = synthetic_data()
   images_dev, labels_dev = trainer.put(images), trainer.put(labels)
-  logits0 = trainer.logits(train.variables_of(state), images_dev)
+  logits0 = trainer.predictor.logits(train.variables_of(state), images_dev)
   idx_np = step_indices()
   losses = []
   for i in range(STEPS):  # One step per chunk: a loss per step.
@@ -110,7 +109,7 @@ def run(model_name: str, num_devices: int, dtype: str, host_state: Any
     losses.append(float(_local(m['loss_sum'])) / float(_local(m['count'])))
   variables = train.variables_of(state)
   out = {'loss': np.array(losses), 'logits0': _local(logits0),
-         'logits': _local(trainer.logits(variables, images_dev)),
+         'logits': _local(trainer.predictor.logits(variables, images_dev)),
          'step': _local(state.step)}
   out.update(_flat('params', state.params))
   if state.batch_stats:

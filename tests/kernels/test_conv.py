@@ -1,4 +1,4 @@
-"""`cnn_jax.conv.Conv` computes what `flax.linen.Conv` does, with its params."""
+"""`kernels.conv.Conv` computes what `flax.linen.Conv` does, with its params."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnn_jax import conv
+from cnn_jax.kernels import conv
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +36,7 @@ def _shapes(tree):
 def test_param_tree_and_init_match_nn_conv(impl, use_bias):
   key = jax.random.PRNGKey(3)
   x = jnp.zeros((1, 8, 8, 3))
-  ours = conv.Conv(6, (3, 3), impl=impl, use_bias=use_bias)
+  ours = conv.Conv(6, (3, 3), padding='VALID', impl=impl, use_bias=use_bias)
   ref = nn.Conv(6, (3, 3), padding='VALID', use_bias=use_bias)
   p_ours, p_ref = ours.init(key, x), ref.init(key, x)
   assert jax.tree_util.tree_structure(p_ours) == jax.tree_util.tree_structure(
@@ -81,7 +81,7 @@ def test_outputs_and_gradients_match_nn_conv(impl, padding, case):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('impl', ['im2col', 'im2col_t', 'shifted', 'hybrid'])
+@pytest.mark.parametrize('impl', ['im2col', 'im2col_t', 'hybrid'])
 def test_bfloat16_compute_keeps_float32_params(impl):
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 6, 3))
   ours = conv.Conv(4, padding='SAME', impl=impl, dtype=jnp.bfloat16)
@@ -94,25 +94,31 @@ def test_bfloat16_compute_keeps_float32_params(impl):
                              y_ref.astype(np.float32), rtol=5e-2, atol=5e-2)
 
 
-def test_resolve_impl():
-  for impl in ('xla', 'im2col', 'im2col_t', 'shifted', 'hybrid'):
-    assert conv.resolve_impl(impl) == conv.resolve_impl(impl, 1, 576) == impl
-  if jax.default_backend() == 'cpu':
-    # Per layer: transposed patches for the few-channel first layer, the
-    # hybrid for larger outputs after it, im2col for the small ones.
-    assert conv.resolve_impl('auto', 1, 676) == 'im2col_t'
-    assert conv.resolve_impl('auto', 32, 576) == 'hybrid'
-    assert conv.resolve_impl('auto', 32, 121) == 'im2col'
-    assert conv.resolve_impl('auto', 32, 100, use_bias=False) == 'hybrid'
-    assert conv.resolve_impl('auto', 64, 64, use_bias=False) == 'hybrid'
-    assert conv.resolve_impl('auto', 64, 49, use_bias=False) == 'im2col'
-    assert conv.resolve_impl('auto', 64, 64) == 'im2col'
-    assert conv.resolve_impl('auto', 32) == conv.resolve_impl('auto') == 'im2col'
-  else:
-    assert conv.resolve_impl('auto', 1) == conv.resolve_impl('auto') == 'xla'
-    assert conv.resolve_impl('auto', 32, 576) == 'xla'
+def test_auto_picks_per_layer_shape():
+  # Transposed patches for few input channels (a first layer), the hybrid
+  # for large outputs (lower threshold without a bias, i.e. feeding batch
+  # norm), im2col for the rest.
+  for impl in ('im2col', 'im2col_t', 'hybrid'):
+    assert conv.resolve_impl(impl, 1, 576) == impl
+  assert conv.resolve_impl('auto', 1, 676) == 'im2col_t'
+  assert conv.resolve_impl('auto', 32, 576) == 'hybrid'
+  assert conv.resolve_impl('auto', 32, 121) == 'im2col'
+  assert conv.resolve_impl('auto', 32, 100, use_bias=False) == 'hybrid'
+  assert conv.resolve_impl('auto', 64, 64, use_bias=False) == 'hybrid'
+  assert conv.resolve_impl('auto', 64, 49, use_bias=False) == 'im2col'
+  assert conv.resolve_impl('auto', 64, 64) == 'im2col'
   with pytest.raises(ValueError, match='unknown conv implementation'):
-    conv.resolve_impl('winograd')
+    conv.resolve_impl('winograd', 1, 1)
+
+
+def test_defaults_are_nn_convs():
+  """Called as the models call nn.Conv, it builds the same layer."""
+  ours, ref = conv.Conv(4, (3, 3)), nn.Conv(4, (3, 3))
+  assert ours.padding == ref.padding and ours.use_bias == ref.use_bias
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 6, 6, 2))
+  params = ref.init(jax.random.PRNGKey(1), x)
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x),
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_rejects_unsupported_padding():
@@ -126,7 +132,7 @@ def test_gradients_inside_a_scan_match_nn_conv(impl):
   """The Trainer runs its steps in `lax.scan`, where XLA:CPU compiles some
   convolutions differently; the custom VJP must give the same there."""
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 12, 11, 16))
-  ours = conv.Conv(8, impl=impl, use_bias=False)
+  ours = conv.Conv(8, padding='VALID', impl=impl, use_bias=False)
   ref = nn.Conv(8, (3, 3), padding='VALID', use_bias=False)
   params = ref.init(jax.random.PRNGKey(1), x[0])
 

@@ -1,26 +1,17 @@
-"""Batch norm and dropout with the semantics of Flax's, built for speed.
+"""`BatchNorm`: `flax.linen.BatchNorm` with a fused gradient.
 
-* `BatchNorm` has exactly the variables of `flax.linen.BatchNorm` (params
-  ``scale``, ``bias``; ``batch_stats`` ``mean``, ``var``), the same
-  statistics (``E[x^2] - E[x]^2``, clipped at 0), output and running-average
-  update, so checkpoints are interchangeable. In training its gradient is a
-  custom VJP: one reduction pass (``sum g``, ``sum g * x_hat``) and one
-  elementwise pass, where autodiff of Flax's layer left XLA:CPU several
-  passes over each activation.
-* `Dropout` keeps each element with probability exactly ``1 - rate`` like
-  `flax.linen.Dropout`, but draws its decisions 4 to a 32-bit random word
-  (8-bit lanes) when ``rate`` is a multiple of 1/256, 2 to a word when a
-  multiple of 1/65536: 4x fewer threefry evaluations for ``rate=0.25``. Its
-  masks differ from Flax's for the same key.
-
-Together they made DeepCNN training ~7% faster on CPU
-(experiments/PERFORMANCE.md). Neither changes a parameter tree.
+It has exactly the variables of `nn.BatchNorm` (params ``scale``, ``bias``;
+``batch_stats`` ``mean``, ``var``), the same float32 statistics
+(``E[x^2] - E[x]^2``, clipped at 0), output and running-average update, so
+checkpoints are interchangeable. In training its gradient is a custom VJP:
+one reduction pass (``sum g``, ``sum g * x_hat``) and one elementwise pass,
+where autodiff of Flax's layer leaves XLA:CPU several passes over each
+activation. Normalization over the last axis only, as the models use it.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -106,42 +97,3 @@ class BatchNorm(nn.Module):
         ra_mean.value = m * ra_mean.value + (1 - m) * mean
         ra_var.value = m * ra_var.value + (1 - m) * var
     return y.astype(self.dtype or x.dtype)
-
-
-def keep_mask(key: jax.Array, rate: float, shape: tuple[int, ...]
-              ) -> jax.Array:
-  """Boolean mask, each element True with probability ``1 - rate``.
-
-  Each decision compares one 8-, 16- or 32-bit lane of a random word with
-  ``rate * 2**bits``: the narrowest lane where that is an integer, so the
-  keep probability is exact (32-bit lanes round it to 2**-32).
-  """
-  n = math.prod(shape)
-  bits = next(b for b in (8, 16, 32)
-              if b == 32 or float(rate * 2**b).is_integer())
-  lanes = 32 // bits
-  words = jax.random.bits(key, (-(-n // lanes),), jnp.uint32)
-  if lanes > 1:
-    shifts = jnp.arange(0, 32, bits, dtype=jnp.uint32)
-    words = ((words[:, None] >> shifts) & (2**bits - 1)).reshape(-1)
-  threshold = min(round(rate * 2**bits), 2**32 - 1)
-  return (words[:n] >= threshold).reshape(shape)
-
-
-class Dropout(nn.Module):
-  """`flax.linen.Dropout` (no broadcast dims), several decisions per word."""
-
-  rate: float
-  deterministic: bool | None = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array,
-               deterministic: bool | None = None) -> jax.Array:
-    deterministic = nn.merge_param('deterministic', self.deterministic,
-                                   deterministic)
-    if deterministic or self.rate == 0.0:
-      return x
-    if self.rate == 1.0:
-      return jnp.zeros_like(x)
-    keep = keep_mask(self.make_rng('dropout'), self.rate, x.shape)
-    return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))

@@ -1,0 +1,64 @@
+"""The model registry: ``--model`` names and how a `Config` builds each model.
+
+This is the one place that turns a config into a module, and the one place
+that swaps in `cnn_jax.kernels` for training (``--kernels``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cnn_jax import kernels, models
+from cnn_jax.config import Config, CnnJaxError
+
+
+def _widths(base: Sequence[int], multiplier: float) -> tuple[int, ...]:
+  return tuple(max(1, round(w * multiplier)) for w in base)
+
+
+def _simple_cnn(config: Config, num_classes: int) -> nn.Module:
+  return models.SimpleCNN(
+      num_classes=num_classes,
+      features=_widths((32, 64, 64), config.width_multiplier),
+      dense_features=config.dense_features or 64)
+
+
+def _deep_cnn(config: Config, num_classes: int) -> nn.Module:
+  return models.DeepCNN(
+      num_classes=num_classes,
+      stage_features=_widths((32, 64), config.width_multiplier),
+      dense_features=config.dense_features or 128,
+      dropout_rate=config.dropout_rate, batch_norm=config.batch_norm)
+
+
+MODELS: dict[str, Callable[[Config, int], nn.Module]] = {
+    'simple_cnn': _simple_cnn,
+    'deep_cnn': _deep_cnn,
+}
+
+
+def create_model(config: Config, num_classes: int, training: bool = True,
+                 backend: str | None = None) -> nn.Module:
+  """The module ``config.model`` names, for ``num_classes`` classes.
+
+  ``training=True`` swaps in the kernels ``config.kernels`` selects for
+  ``backend`` (default: JAX's); forward-only uses get stock Flax layers.
+  Either way the parameters are the same, so a checkpoint serves both.
+  """
+  if config.model not in MODELS:
+    raise CnnJaxError(f'unknown --model={config.model!r}; choose one of: '
+                      f'{", ".join(MODELS)}')
+  model = MODELS[config.model](config, num_classes)
+  dtype = jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32
+  overrides: dict[str, Any] = {'dtype': dtype}
+  if training:
+    fields = {f.name for f in dataclasses.fields(model)}
+    layers = kernels.training_layers(config.kernels,
+                                     backend or jax.default_backend())
+    overrides.update((k, v) for k, v in layers.items() if k in fields)
+  return model.clone(**overrides)

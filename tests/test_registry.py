@@ -1,0 +1,92 @@
+"""The registry builds models from configs and swaps in the CPU kernels."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnn_jax import kernels, models, registry
+from cnn_jax.config import Config, CnnJaxError
+from cnn_jax.kernels import batch_norm, conv, dropout, pool
+
+
+@pytest.fixture(autouse=True)
+def _full_float32_matmuls():
+  """GPUs and TPUs multiply float32 in lower precision (TF32, bf16 passes) by
+  default, differently per algorithm; compare implementations at full."""
+  with jax.default_matmul_precision('highest'):
+    yield
+
+
+def test_kernels_are_chosen_by_setting_and_backend():
+  cpu = registry.create_model(Config(model='deep_cnn'), 10, backend='cpu')
+  assert (cpu.conv, cpu.norm, cpu.dropout, cpu.pool) == (
+      conv.Conv, batch_norm.BatchNorm, dropout.Dropout, pool.max_pool_2x2)
+  stock = models.DeepCNN()
+  for model in (registry.create_model(Config(model='deep_cnn'), 10,
+                                      backend='gpu'),
+                registry.create_model(Config(model='deep_cnn', kernels='flax'),
+                                      10, backend='cpu'),
+                registry.create_model(Config(model='deep_cnn', kernels='cpu'),
+                                      10, training=False, backend='cpu')):
+    assert (model.conv, model.norm, model.dropout, model.pool) == (
+        stock.conv, stock.norm, stock.dropout, stock.pool)
+  simple = registry.create_model(Config(), 10, backend='cpu')
+  assert (simple.conv, simple.pool) == (conv.Conv, pool.max_pool_2x2)
+
+
+def test_config_fields_reach_the_model():
+  m = registry.create_model(
+      Config(model='deep_cnn', width_multiplier=0.5, dense_features=16,
+             dropout_rate=0.1, batch_norm=False, dtype='bfloat16'), 7)
+  assert (m.num_classes, tuple(m.stage_features), m.dense_features,
+          m.dropout_rate, m.batch_norm, m.dtype) == (
+              7, (16, 32), 16, 0.1, False, jnp.bfloat16)
+  s = registry.create_model(Config(width_multiplier=2.0), 10)
+  assert tuple(s.features) == (64, 128, 128) and s.dense_features == 64
+  assert models.count_params(models.init_variables(
+      registry.create_model(Config(), 10), jax.random.PRNGKey(0),
+      (28, 28, 1))['params']) == 93_322
+
+
+def test_unknown_model_is_a_clear_error():
+  with pytest.raises(CnnJaxError, match='unknown --model'):
+    registry.create_model(Config(model='resnet9000'), 10)
+
+
+@pytest.mark.parametrize('name', ['simple_cnn', 'deep_cnn'])
+def test_cpu_kernels_compute_the_stock_model(name):
+  """Same params, logits, gradients and batch statistics with either set.
+
+  Dropout off: the CPU kernel draws other masks than Flax's (its own test
+  checks its semantics).
+  """
+  config = Config(model=name, dropout_rate=0.0)
+  fast = registry.create_model(config.replace(kernels='cpu'), 10)
+  stock = registry.create_model(config.replace(kernels='flax'), 10)
+  variables = models.init_variables(stock, jax.random.PRNGKey(0), (28, 28, 1))
+  fast_vars = models.init_variables(fast, jax.random.PRNGKey(0), (28, 28, 1))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, fast_vars, variables)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (8, 28, 28, 1))
+
+  def loss(model):
+    def f(params):
+      logits, state = model.apply({**variables, 'params': params}, x,
+                                  train=True, mutable=['batch_stats'])
+      return jnp.sum(jnp.sin(logits)), state
+    return jax.jit(jax.value_and_grad(f, has_aux=True))(variables['params'])
+
+  (v_fast, s_fast), g_fast = loss(fast)
+  (v_stock, s_stock), g_stock = loss(stock)
+  np.testing.assert_allclose(v_fast, v_stock, rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves((g_fast, s_fast)),
+                  jax.tree_util.tree_leaves((g_stock, s_stock)), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+  # Evaluation: the same function.
+  np.testing.assert_allclose(fast.apply(variables, x), stock.apply(variables, x),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_names_live_in_one_place():
+  from cnn_jax import config
+  assert config.KERNELS is kernels.KERNELS
