@@ -28,15 +28,16 @@ OPTIMIZERS = ('adam', 'adamw', 'sgd', 'nesterov', 'rmsprop')
 SCHEDULES = ('constant', 'cosine', 'onecycle', 'step')
 DTYPES = ('float32', 'bfloat16')
 BEST_METRICS = ('val_accuracy', 'val_loss')
+ENSEMBLE = 'ensemble'  # The --model of a --mode=ensemble workdir's config.
 
 # Fields a resumed run may change: where the data is, how often it logs and
 # saves, which kernels compute the same model.
 RESUMABLE_FIELDS = frozenset({'tfds_data_dir', 'download', 'log_every_steps',
-                              'checkpoint_every_steps', 'kernels'})
+                              'checkpoint_every_steps', 'kernels', 'tta'})
 # Fields that eval, analyze, predict and export take from the command line
 # over the workdir's saved config.
 EVAL_OVERRIDE_FIELDS = ('tfds_data_dir', 'download', 'eval_batch_size',
-                        'test_examples')
+                        'test_examples', 'tta')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +98,18 @@ class Config:
   grad_clip_norm: float = _f(0.0, 'Clip gradients to this global norm '
                              '(0 = off).')
   seed: int = _f(0, 'Fixes init, data order, dropout and augmentation.')
+  num_models: int = _f(1, 'Train this many independently initialized '
+                       'members at once (seeds --seed, --seed+1, ...), '
+                       'vectorized with jax.vmap in one jitted step; their '
+                       'averaged probabilities are the run\'s ensemble.')
+
+  # Evaluation.
+  tta: int = _f(0, 'Test-time augmentation for eval-like modes: average '
+                'the probabilities of each image and this many copies '
+                'shifted by one pixel (0 = off, at most 8).')
+  members: str = _f('', 'ensemble: comma-separated workdirs of trained runs '
+                    '(any models, same dataset) whose best checkpoints are '
+                    'combined into --workdir.')
 
   # Bookkeeping.
   log_every_steps: int = _f(100, 'Log a progress line about this often.')
@@ -125,14 +138,16 @@ def validate(config: Config) -> Config:
     raise CnnJaxError(msg)
 
   from cnn_jax.registry import MODELS  # Imports Flax; the names live there.
-  choices = {'model': tuple(MODELS), 'optimizer': OPTIMIZERS,
+  models = (*MODELS, ENSEMBLE) if config.members else tuple(MODELS)
+  choices = {'model': models, 'optimizer': OPTIMIZERS,
              'lr_schedule': SCHEDULES, 'dtype': DTYPES, 'kernels': KERNELS,
              'best_metric': BEST_METRICS}
   for name, allowed in choices.items():
     value = getattr(config, name)
     if value not in allowed:
       bad(f'unknown --{name}={value!r}; choose one of: {", ".join(allowed)}')
-  for name in ('epochs', 'batch_size', 'eval_batch_size', 'log_every_steps'):
+  for name in ('epochs', 'batch_size', 'eval_batch_size', 'log_every_steps',
+               'num_models'):
     if getattr(config, name) <= 0:
       bad(f'--{name} must be a positive integer, got {getattr(config, name)}')
   for name in ('learning_rate', 'width_multiplier'):
@@ -154,6 +169,8 @@ def validate(config: Config) -> Config:
       'cosine', 'onecycle'):
     bad(f'--warmup_epochs ({config.warmup_epochs}) must be less than --epochs '
         f'({config.epochs})')
+  if not 0 <= config.tta <= 8:
+    bad(f'--tta must be between 0 and 8 (shifted copies), got {config.tta}')
   if not config.dataset.strip():
     bad('--dataset must name a TFDS dataset')
   return config

@@ -7,7 +7,7 @@ library code takes a plain `Config`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 from absl import flags
 
@@ -31,13 +31,25 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS,
                             **overrides}))
 
 
-def config_from_flagfile(path: str, **overrides: Any) -> Config:
-  """The Config a flagfile gives, read by absl as ``--flagfile`` would be.
+def parse_argv(argv: Sequence[str]) -> flags.FlagValues:
+  """``--name=value`` and ``--flagfile=PATH`` arguments parsed by absl, as
+  ``cnn_jax.main`` parses them (later ones win), into private flags.
 
-  Parsed into a private `FlagValues`, so callers with flags of their own
-  (a benchmark script) need not define cnn_jax's.
+  Private `FlagValues`, so callers with flags of their own (a benchmark or
+  sweep script) need not define cnn_jax's. Raises absl's `flags.Error`
+  (unknown flag, bad value, unreadable flagfile).
   """
   flag_values = flags.FlagValues()
   define_config_flags(flag_values)
-  flag_values(['config_from_flagfile', f'--flagfile={path}'])
-  return config_from_flags(flag_values, **overrides)
+  flag_values(['cnn_jax', *argv])
+  return flag_values
+
+
+def config_from_argv(argv: Sequence[str], **overrides: Any) -> Config:
+  """The validated Config those arguments give."""
+  return config_from_flags(parse_argv(argv), **overrides)
+
+
+def config_from_flagfile(path: str, **overrides: Any) -> Config:
+  """The Config a flagfile gives, read by absl as ``--flagfile`` would be."""
+  return config_from_argv([f'--flagfile={path}'], **overrides)

@@ -105,20 +105,27 @@ if __name__ == "__main__":
 '''
 
 
-def probability_fn(model: Any, variables: Any
+def probability_fn(ensemble: inference.Ensemble
                    ) -> Callable[[jax.Array], jax.Array]:
-  """uint8 images -> softmax probabilities, with `variables` baked in.
+  """uint8 images -> softmax probabilities, every member's variables baked
+  in and their probabilities averaged (one member for a plain run).
 
-  ``model`` is the stock-Flax inference model (`inference.restore`): XLA's
-  own convolution is the fastest forward pass on every platform, so one
-  multi-platform artifact is fast everywhere.
+  The models are the stock-Flax inference models (`inference.restore`):
+  XLA's own convolution is the fastest forward pass on every platform, so
+  one multi-platform artifact is fast everywhere.
   """
-  variables = jax.device_get(variables)
+  runs = [(run.model, jax.device_get(run.variables), run.num_members > 1)
+          for run in ensemble.runs]
 
   def probabilities(images: jax.Array) -> jax.Array:
     x = input_pipeline.normalize(images)
-    logits = model.apply(variables, x, train=False)
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    total = 0.0
+    for model, variables, stacked in runs:
+      apply = lambda v, model=model: jax.nn.softmax(
+          model.apply(v, x, train=False).astype(jnp.float32), axis=-1)
+      total += (jax.vmap(apply)(variables).sum(0) if stacked
+                else apply(variables))
+    return total / ensemble.num_members
 
   return probabilities
 
@@ -169,11 +176,13 @@ def _save_tf(fn: Callable[[jax.Array], jax.Array],
   return os.path.basename(path)
 
 
-def signature(config: Config, info: input_pipeline.DatasetInfo,
-              exported: jax.export.Exported, variables: Any,
-              meta: dict[str, Any], results: dict[str, Any],
+def signature(config: Config, ensemble: inference.Ensemble,
+              exported: jax.export.Exported, results: dict[str, Any],
               saved_model: str | None) -> dict[str, Any]:
-  """The contents of ``signature.json``."""
+  """The contents of ``signature.json``: how to call the artifact, what it
+  expects (the input contract) and what it returns."""
+  info = ensemble.info
+  members = ensemble.members
   return {
       'format': 'jax.export serialized StableHLO (jax.export.deserialize)',
       'file': MODEL_FILE,
@@ -182,16 +191,22 @@ def signature(config: Config, info: input_pipeline.DatasetInfo,
       'platforms': list(exported.platforms),
       'calling_convention_version': exported.calling_convention_version,
       'input': {'name': 'images', 'shape': ['b', *info.image_shape],
-                'dtype': 'uint8'},
+                **input_pipeline.INPUT_CONTRACT},
       'output': {'name': 'probabilities',
                  'shape': ['b', info.num_classes], 'dtype': 'float32'},
       'class_names': list(info.class_names),
       'preprocessing': PREPROCESSING,
       'model': config.model,
       'dataset': info.name,
-      'num_params': models.count_params(variables['params']),
-      'best_epoch': meta.get('epoch'),
-      'val_accuracy': meta.get('accuracy'),
+      'num_params': sum(
+          models.count_params(run.variables['params']) for run in
+          ensemble.runs),
+      'num_members': len(members),
+      'best_epoch': members[0].best_epoch if len(members) == 1 else None,
+      'val_accuracy': members[0].val_accuracy if len(members) == 1 else None,
+      'members': [{'model': m.model, 'seed': m.seed,
+                   'best_epoch': m.best_epoch, 'val_accuracy': m.val_accuracy}
+                  for m in members],
       'test_accuracy': results.get('test_accuracy'),
       'config': json.loads(config.to_json()),
   }
@@ -201,19 +216,20 @@ def export(config: Config, workdir: str, saved_model: bool = True) -> str:
   """Writes ``workdir/export/`` from the best checkpoint; returns its path.
 
   Needs only the workdir: the dataset info is the one saved with the run.
+  Any workdir: a run, a many-member run or an ensemble (averaged).
   """
-  restored = inference.restore(workdir, config)
-  info, variables, meta = restored.info, restored.variables, restored.meta
+  ensemble = inference.load(workdir, config)
+  info = ensemble.info
   out = os.path.join(workdir, 'export')
   try:
     os.makedirs(out, exist_ok=True)
   except OSError as e:
     raise CnnJaxError(f'cannot create {out}: {e.strerror or e}') from e
-  fn = probability_fn(restored.model, variables)
+  fn = probability_fn(ensemble)
   exported = export_stablehlo(fn, info)
   tf_dir = (_save_tf(fn, info, os.path.join(out, 'saved_model'))
             if saved_model else None)
-  sig = signature(config, info, exported, variables, meta,
+  sig = signature(config, ensemble, exported,
                   workdir_lib.read_results(workdir), tf_dir)
   try:
     _write(os.path.join(out, MODEL_FILE), bytes(exported.serialize()))

@@ -2,19 +2,25 @@
 
 `restore` gives a run's model (stock Flax layers), its best variables and
 its dataset info from the workdir alone: no TFDS, no data dir, no network.
-`Predictor` computes eval-mode logits of whole splits in batches, sharded
-over a 1-D ``data`` mesh of the devices. Evaluation, analysis, prediction
-and export use these, and the trainer validates with a `Predictor` too.
+`Predictor` computes eval-mode logits or class probabilities of whole arrays
+of images in batches, sharded over a 1-D ``data`` mesh of the devices, for
+one network or for the stacked members of a ``--num_models`` run, optionally
+averaged over shifted copies of each image (test-time augmentation).
+`Ensemble` averages the members of one or more runs, and `load` restores any
+workdir (a run, a many-member run or a ``--mode=ensemble`` workdir) as one.
+Evaluation, analysis, prediction and export use these, and the trainer
+validates with a `Predictor` too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
@@ -23,23 +29,41 @@ from cnn_jax import workdir as workdir_lib
 from cnn_jax.checkpointing import Checkpointer
 from cnn_jax.config import Config, CnnJaxError
 
+# Test-time augmentation: the image itself, then these (dy, dx) pixel
+# shifts in order; --tta=N uses the first N of them.
+TTA_SHIFTS = ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1),
+              (-1, -1))
+
 
 def data_mesh() -> Mesh:
   """A 1-D mesh named ``data`` over every device (of every process)."""
   return Mesh(np.array(jax.devices()), ('data',))
 
 
+def shift(x: jax.Array, dy: int, dx: int) -> jax.Array:
+  """NHWC images moved by (dy, dx) pixels, the uncovered border zero."""
+  n, h, w, c = x.shape
+  padded = jnp.pad(x, ((0, 0), (abs(dy), abs(dy)), (abs(dx), abs(dx)),
+                       (0, 0)))
+  top, left = abs(dy) - dy, abs(dx) - dx
+  return jax.lax.dynamic_slice(padded, (0, top, left, 0), (n, h, w, c))
+
+
 class Predictor:
-  """Eval-mode logits of one model over whole arrays of uint8 images."""
+  """Eval-mode outputs of one model over whole arrays of uint8 images.
+
+  With ``members=K`` the variables carry a leading axis of K stacked
+  networks (a ``--num_models`` run) and every output gets that axis too.
+  """
 
   def __init__(self, model: nn.Module, batch_size: int = 1000,
-               mesh: Mesh | None = None):
-    self.model, self.batch_size = model, batch_size
+               mesh: Mesh | None = None, members: int = 0):
+    self.model, self.batch_size, self.members = model, batch_size, members
     self.mesh = mesh or data_mesh()
     self.replicated = NamedSharding(self.mesh, P())
     self.index_sharding = NamedSharding(self.mesh, P(None, 'data'))
     self.num_devices = self.mesh.devices.size
-    self._logits = jax.jit(self._scan_logits, out_shardings=self.replicated)
+    self._scans: dict[tuple[str, int], Callable] = {}
 
   def put(self, array: np.ndarray) -> jax.Array:
     """Places a host array, identical on every process, replicated."""
@@ -47,17 +71,36 @@ class Predictor:
     return jax.make_array_from_callback(array.shape, self.replicated,
                                         lambda idx: array[idx])
 
-  def _scan_logits(self, variables: Any, images: jax.Array,
-                   idx: jax.Array) -> jax.Array:
-    def body(_, batch_idx):
-      x = input_pipeline.normalize(images[batch_idx])
-      return None, self.model.apply(variables, x, train=False)
-    _, logits = jax.lax.scan(body, None, idx)
-    return logits.reshape(-1, logits.shape[-1])
+  def _apply(self, variables: Any, x: jax.Array) -> jax.Array:
+    if not self.members:
+      return self.model.apply(variables, x, train=False)
+    return jax.vmap(lambda v: self.model.apply(v, x, train=False))(variables)
 
-  def logits(self, variables: Any, images: np.ndarray | jax.Array
-             ) -> jax.Array:
-    """``[N, classes]`` logits of every image, batch by batch."""
+  def _scan(self, kind: str, tta: int) -> Callable:
+    """Jitted scan over batches: logits, or probabilities averaged over
+    the image and its first ``tta`` shifted copies."""
+    if (kind, tta) in self._scans:
+      return self._scans[kind, tta]
+
+    def body(variables, images, batch_idx):
+      x = input_pipeline.normalize(images[batch_idx])
+      if kind == 'logits':
+        return self._apply(variables, x)
+      views = [x] + [shift(x, dy, dx) for dy, dx in TTA_SHIFTS[:tta]]
+      return sum(jax.nn.softmax(self._apply(variables, v), axis=-1)
+                 for v in views) / len(views)
+
+    def scan(variables, images, idx):
+      _, out = jax.lax.scan(lambda _, i: (None, body(variables, images, i)),
+                            None, idx)
+      out = jnp.moveaxis(out, 1, 0) if self.members else out
+      return out.reshape(*out.shape[:-3], -1, out.shape[-1])
+
+    self._scans[kind, tta] = jax.jit(scan, out_shardings=self.replicated)
+    return self._scans[kind, tta]
+
+  def _run(self, kind: str, tta: int, variables: Any,
+           images: np.ndarray | jax.Array) -> jax.Array:
     if isinstance(images, np.ndarray):
       images = self.put(images)
     n = images.shape[0]
@@ -66,19 +109,38 @@ class Predictor:
     idx = np.minimum(np.arange(nb * bs), n - 1).reshape(nb, bs)
     idx = jax.make_array_from_callback(idx.shape, self.index_sharding,
                                        lambda i: idx[i])
-    return self._logits(variables, images, idx)[:n]
+    return self._scan(kind, tta)(variables, images, idx)[..., :n, :]
 
-  def probabilities(self, variables: Any, images: np.ndarray) -> np.ndarray:
-    """Softmax class probabilities, on the host."""
-    logits = self.logits(variables, images)
-    return np.asarray(jax.device_get(jax.nn.softmax(logits, axis=-1)))
+  def logits(self, variables: Any, images: np.ndarray | jax.Array
+             ) -> jax.Array:
+    """``[N, classes]`` logits (``[K, N, classes]`` for K members)."""
+    return self._run('logits', 0, variables, images)
+
+  def probabilities(self, variables: Any, images: np.ndarray | jax.Array,
+                    tta: int = 0) -> np.ndarray:
+    """Softmax class probabilities on the host, like `logits`; ``tta``
+    averages them over that many shifted copies of each image too."""
+    if tta < 0 or tta > len(TTA_SHIFTS):
+      raise CnnJaxError(f'--tta must be between 0 and {len(TTA_SHIFTS)}, '
+                        f'got {tta}')
+    if tta:
+      return np.asarray(jax.device_get(
+          self._run('tta', tta, variables, images)), np.float64)
+    # In float64 on the host: float32 softmax can round nearly equal
+    # logits to equal probabilities, and argmax must agree with the logits.
+    z = np.asarray(jax.device_get(self.logits(variables, images)), np.float64)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
 
   def evaluate(self, variables: Any, images: np.ndarray | jax.Array,
-               labels: np.ndarray | jax.Array) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of eval-mode predictions."""
+               labels: np.ndarray | jax.Array) -> list[dict[str, float]]:
+    """Mean cross-entropy and accuracy, one dict per member (one if not
+    stacked), from the logits."""
     logits = self.logits(variables, images)
-    _, m = losses.loss_and_metrics(logits, labels, logits.shape[-1])
-    return losses.summarize(m)
+    if not self.members:
+      logits = logits[None]
+    return [losses.summarize(losses.loss_and_metrics(
+        member, labels, logits.shape[-1])[1]) for member in logits]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,16 +150,30 @@ class Restored:
   config: Config
   info: input_pipeline.DatasetInfo
   model: nn.Module
-  variables: Any
+  variables: Any  # With a leading member axis when num_models > 1.
   meta: dict[str, Any]  # The best epoch's: epoch, step, val loss/accuracy.
+  workdir: str = ''
+
+  @property
+  def num_members(self) -> int:
+    return self.config.num_models
 
   def predictor(self, mesh: Mesh | None = None) -> Predictor:
-    return Predictor(self.model, self.config.eval_batch_size, mesh)
+    members = self.num_members if self.num_members > 1 else 0
+    return Predictor(self.model, self.config.eval_batch_size, mesh, members)
+
+  def member_meta(self) -> list[dict[str, Any]]:
+    """The best epoch's metadata of each member (one for a single run)."""
+    return list(self.meta['members']) if 'members' in self.meta else [
+        self.meta]
+
+  def member_seeds(self) -> list[int]:
+    return [self.config.seed + k for k in range(self.num_members)]
 
 
 def restore(workdir: str, config: Config | None = None,
             mesh: Mesh | None = None) -> Restored:
-  """The best variables of ``workdir``, replicated over ``mesh``.
+  """The best variables of the run in ``workdir``, replicated over ``mesh``.
 
   ``config`` defaults to the workdir's own. Raises CnnJaxError for a
   workdir without a run or checkpoint, or one of another model.
@@ -106,6 +182,9 @@ def restore(workdir: str, config: Config | None = None,
     raise CnnJaxError(f'--workdir={workdir} does not exist; train first '
                       'with --mode=train and the same --workdir')
   config = config or workdir_lib.load_config(workdir)
+  if config.members:
+    raise CnnJaxError(f'{workdir} is an ensemble workdir; load it with '
+                      'inference.load')
   ckpt = Checkpointer(workdir, read_only=True)
   try:
     if not ckpt.has_best():
@@ -113,11 +192,103 @@ def restore(workdir: str, config: Config | None = None,
                         'first with --mode=train and the same --workdir')
     info = workdir_lib.dataset_info(workdir, config)
     model = registry.create_model(config, info.num_classes, training=False)
-    sharding = NamedSharding(mesh or data_mesh(), P())
-    target = jax.device_put(
-        models.init_variables(model, jax.random.PRNGKey(0), info.image_shape),
-        sharding)
+    target = models.init_variables(model, jax.random.PRNGKey(0),
+                                   info.image_shape)
+    if config.num_models > 1:
+      target = jax.tree_util.tree_map(
+          lambda a: jnp.broadcast_to(a, (config.num_models, *a.shape)),
+          target)
+    target = jax.device_put(target, NamedSharding(mesh or data_mesh(), P()))
     variables, meta = ckpt.restore_best(target)
   finally:
     ckpt.close()
-  return Restored(config, info, model, variables, meta)
+  return Restored(config, info, model, variables, meta, workdir)
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+  """One network of an ensemble: where it comes from."""
+
+  name: str
+  model: str
+  workdir: str
+  seed: int
+  best_epoch: int | None
+  val_accuracy: float | None
+
+
+class Ensemble:
+  """The members of one or more restored runs, probabilities averaged.
+
+  A single run is an ensemble of one member; a ``--num_models=K`` run has
+  K. All runs must be on the same dataset (classes and image shape).
+  """
+
+  def __init__(self, runs: Sequence[Restored], mesh: Mesh | None = None,
+               tta: int = 0):
+    if not runs:
+      raise CnnJaxError('an ensemble needs at least one run')
+    self.runs, self.tta = list(runs), tta
+    self.info = runs[0].info
+    for run in runs[1:]:
+      check_same_data(self.info, run.info, run.workdir)
+    self.predictors = [run.predictor(mesh) for run in runs]
+
+  @property
+  def members(self) -> list[Member]:
+    out = []
+    for run in self.runs:
+      name = run.workdir or run.config.model
+      for seed, meta in zip(run.member_seeds(), run.member_meta()):
+        suffix = f'#seed{seed}' if run.num_members > 1 else ''
+        out.append(Member(name + suffix, run.config.model, run.workdir, seed,
+                          meta.get('epoch'), meta.get('accuracy')))
+    return out
+
+  @property
+  def num_members(self) -> int:
+    return sum(run.num_members for run in self.runs)
+
+  def member_probabilities(self, images: np.ndarray,
+                           tta: int | None = None) -> np.ndarray:
+    """``[members, N, classes]`` class probabilities of every member, with
+    the ensemble's test-time augmentation unless ``tta`` says otherwise."""
+    tta = self.tta if tta is None else tta
+    out = []
+    for run, predictor in zip(self.runs, self.predictors):
+      p = predictor.probabilities(run.variables, images, tta)
+      out.extend(p if run.num_members > 1 else [p])
+    return np.stack(out)
+
+  def probabilities(self, images: np.ndarray,
+                    tta: int | None = None) -> np.ndarray:
+    """``[N, classes]``: the members' probabilities averaged."""
+    return self.member_probabilities(images, tta).mean(0)
+
+
+def check_same_data(info: input_pipeline.DatasetInfo,
+                    other: input_pipeline.DatasetInfo, where: str) -> None:
+  """Fails when runs on ``other`` cannot be combined with runs on ``info``."""
+  if (info.num_classes, tuple(info.image_shape)) != (
+      other.num_classes, tuple(other.image_shape)):
+    raise CnnJaxError(
+        f'{where} was trained on {other.name} ({other.num_classes} classes, '
+        f'images {tuple(other.image_shape)}), not like the others on '
+        f'{info.name} ({info.num_classes} classes, images '
+        f'{tuple(info.image_shape)})')
+
+
+def load(workdir: str, config: Config | None = None,
+         mesh: Mesh | None = None) -> Ensemble:
+  """Any workdir as an `Ensemble`: a run, a K-member run, or an ensemble
+  workdir (whose members are copies kept inside it)."""
+  config = config or workdir_lib.load_config(workdir)
+  if not config.members:
+    return Ensemble([restore(workdir, config, mesh)], mesh, config.tta)
+  runs = []
+  for member in config.members.split(','):
+    path = os.path.join(workdir, member)
+    member_config = workdir_lib.load_config(path).replace(
+        eval_batch_size=config.eval_batch_size)
+    runs.append(restore(path, member_config, mesh))
+  return Ensemble(runs, mesh, config.tta)

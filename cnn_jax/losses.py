@@ -1,9 +1,11 @@
-"""The training objective and the summable metrics of a batch."""
+"""The training objective, the summable metrics of a batch, and the
+metrics of averaged (ensemble) probabilities."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from cnn_jax import input_pipeline
@@ -32,3 +34,23 @@ def summarize(metrics: dict[str, jax.Array]) -> dict[str, float]:
   m = jax.device_get(metrics)
   return {'loss': float(m['loss_sum'] / m['count']),
           'accuracy': float(m['correct'] / m['count'])}
+
+
+def probability_metrics(member_probs: np.ndarray, labels: np.ndarray
+                        ) -> dict[str, float]:
+  """Accuracy and cross-entropy of members' averaged probabilities, and
+  the accuracy of their majority vote (ties to the lowest class index).
+
+  ``member_probs`` is ``[members, N, classes]`` (or ``[N, classes]``).
+  """
+  probs = np.asarray(member_probs, np.float64)
+  probs = probs[None] if probs.ndim == 2 else probs
+  labels = np.asarray(labels)
+  mean = probs.mean(0)
+  votes = np.zeros_like(mean)
+  for member in probs:
+    votes[np.arange(len(labels)), member.argmax(-1)] += 1
+  picked = np.clip(mean[np.arange(len(labels)), labels], 1e-12, 1.0)
+  return {'accuracy': float((mean.argmax(-1) == labels).mean()),
+          'loss': float(-np.log(picked).mean()),
+          'vote_accuracy': float((votes.argmax(-1) == labels).mean())}

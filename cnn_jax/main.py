@@ -6,10 +6,12 @@ Modes:
   analyze  plots and a report of the best checkpoint under workdir/analysis.
   predict  classify image files given as arguments.
   export   write a serving artifact of the best params.
+  ensemble combine trained runs (--members=RUN1,RUN2,...) into --workdir.
 
 Flags are parsed here only and turned into a `Config`; for eval/analyze/
-predict/export the workdir's saved config is used, with data-location flags
-given on the command line taking precedence.
+predict/export the workdir's saved config is used, with data-location and
+evaluation flags given on the command line taking precedence. Each of these
+modes takes any workdir: a run, a --num_models run or an ensemble.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from absl import app, flags, logging
 from cnn_jax import config_flags, runtime
 from cnn_jax.config import Config, CnnJaxError, EVAL_OVERRIDE_FIELDS
 
-MODES = ('train', 'eval', 'analyze', 'predict', 'export')
+MODES = ('train', 'eval', 'analyze', 'predict', 'export', 'ensemble')
 
 _MODE = flags.DEFINE_string('mode', 'train', f'One of: {", ".join(MODES)}.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: config, '
@@ -95,6 +97,14 @@ def run(argv: Sequence[str]) -> int:
     config = config_flags.config_from_flags()
     from cnn_jax import train
     _print_json(train.train_and_evaluate(config, workdir))
+    return 0
+  if mode == 'ensemble':
+    if not FLAGS.members:
+      raise CnnJaxError('--mode=ensemble needs --members=RUN1,RUN2,... '
+                        '(trained workdirs)')
+    config = config_flags.config_from_flags(members='')
+    from cnn_jax import ensemble
+    _print_json(ensemble.build(config, FLAGS.members.split(','), workdir))
     return 0
   config = saved_config(workdir)
   if mode == 'eval':

@@ -231,26 +231,27 @@ def load_inputs(paths: Sequence[str], shape: tuple[int, int],
 # Model ---------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Classifier:
-  """A restored run's best params, ready to classify uint8 images."""
+  """A restored workdir's best params, ready to classify uint8 images."""
 
   info: input_pipeline.DatasetInfo
-  predictor: Any
-  variables: Any
+  ensemble: Any  # inference.Ensemble: one or more members.
 
   @classmethod
   def restore(cls, config: Config, workdir: str) -> 'Classifier':
-    """The workdir's model, best params and dataset info; no TFDS needed."""
+    """The workdir's models, best params and dataset info (a run, a
+    many-member run or an ensemble); no TFDS needed."""
     from cnn_jax import inference  # Imports JAX.
-    restored = inference.restore(workdir, config)
-    info = restored.info
+    ensemble = inference.load(workdir, config)
+    info = ensemble.info
     if len(info.image_shape) != 3 or info.image_shape[-1] != 1:
       raise CnnJaxError(f'predict supports grayscale (HxWx1) datasets; '
                         f'{info.name!r} has images of shape {info.image_shape}')
-    return cls(info, restored.predictor(), restored.variables)
+    return cls(info, ensemble)
 
   def probabilities(self, images: np.ndarray) -> np.ndarray:
-    """Softmax class probabilities of uint8 NHWC images, one forward pass."""
-    return self.predictor.probabilities(self.variables, images)
+    """Softmax class probabilities of uint8 NHWC images (members averaged,
+    with the workdir's --tta), one forward pass per member."""
+    return self.ensemble.probabilities(images)
 
 
 # Output --------------------------------------------------------------------

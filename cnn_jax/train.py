@@ -27,6 +27,7 @@ from flax.training import train_state
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
 import optax
 
 from cnn_jax import (augment, distributed, inference, input_pipeline, losses,
@@ -101,21 +102,47 @@ def make_optimizer(config: Config, steps_per_epoch: int
   return optax.chain(*chain)
 
 
+def member_seeds(config: Config) -> list[int]:
+  """The seeds of a run's members: ``seed, seed + 1, ...``."""
+  return [config.seed + k for k in range(config.num_models)]
+
+
 def create_train_state(config: Config, model: nn.Module,
                        image_shape: tuple[int, ...], steps_per_epoch: int
                        ) -> TrainState:
-  """Initial state for ``config.seed`` (init key split from the run key)."""
-  init_key, run_key = jax.random.split(jax.random.PRNGKey(config.seed))
-  variables = models.init_variables(model, init_key, image_shape)
-  return TrainState.create(
-      apply_fn=model.apply, params=variables['params'],
-      batch_stats=variables.get('batch_stats', {}),
-      tx=make_optimizer(config, steps_per_epoch), key=run_key)
+  """Initial state for ``config.seed`` (init key split from the run key).
+
+  With ``num_models=K`` the K members' states (seeds ``seed .. seed+K-1``,
+  each exactly the state a one-member run of that seed starts from) are
+  stacked on a leading axis.
+  """
+  tx = make_optimizer(config, steps_per_epoch)
+
+  def member(seed: int | jax.Array) -> TrainState:
+    init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))
+    variables = models.init_variables(model, init_key, image_shape)
+    return TrainState.create(
+        apply_fn=model.apply, params=variables['params'],
+        batch_stats=variables.get('batch_stats', {}), tx=tx, key=run_key)
+
+  if config.num_models == 1:
+    return member(config.seed)
+  return jax.vmap(member)(jnp.asarray(member_seeds(config)))
 
 
 def data_key(config: Config) -> jax.Array:
-  """The key of the data order; separate from init/dropout keys."""
-  return jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x0DA7A)
+  """The key of the data order; separate from init/dropout keys.
+
+  With ``num_models=K``, the K members' keys, stacked.
+  """
+  keys = [jax.random.fold_in(jax.random.PRNGKey(seed), 0x0DA7A)
+          for seed in member_seeds(config)]
+  return keys[0] if len(keys) == 1 else jnp.stack(keys)
+
+
+def state_step(state: TrainState) -> int:
+  """The step of a (possibly many-member) state: members step together."""
+  return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
 
 
 def variables_of(state: TrainState) -> dict[str, Any]:
@@ -162,20 +189,26 @@ class Trainer:
   """Jitted, sharded training chunks and validation for one config.
 
   Training uses the model with the kernels ``config.kernels`` selects;
-  validation the same model with stock Flax layers (same params).
+  validation the same model with stock Flax layers (same params). With
+  ``num_models=K`` the state holds K stacked members and each step is
+  `jax.vmap` of `train_step` over them, each member on its own batch.
   """
 
   def __init__(self, config: Config, num_classes: int,
                mesh: Mesh | None = None):
     self.config, self.num_classes = config, num_classes
+    self.members = config.num_models if config.num_models > 1 else 0
     self.model = registry.create_model(config, num_classes)
     self.mesh = mesh or inference.data_mesh()
     self.predictor = inference.Predictor(
         registry.create_model(config, num_classes, training=False),
-        config.eval_batch_size, self.mesh)
+        config.eval_batch_size, self.mesh, self.members)
     self.replicated = self.predictor.replicated
-    self.batch_sharding = NamedSharding(self.mesh, P('data'))
-    self.index_sharding = self.predictor.index_sharding
+    # Batches are split over devices along their example axis, the last
+    # axis of the indices ([steps, batch] or [steps, members, batch]).
+    lead = (None,) if self.members else ()
+    self.batch_sharding = NamedSharding(self.mesh, P(*lead, 'data'))
+    self.index_sharding = NamedSharding(self.mesh, P(None, *lead, 'data'))
     self.num_devices = self.mesh.devices.size
     if config.batch_size % self.num_devices:
       raise CnnJaxError(f'--batch_size={config.batch_size} must divide by the '
@@ -188,17 +221,21 @@ class Trainer:
   def _train_chunk(self, state: TrainState, images: jax.Array,
                    labels: jax.Array, idx: jax.Array):
     """Runs ``idx.shape[0]`` steps; batch ``i`` is ``images[idx[i]]``."""
+    step = functools.partial(train_step, config=self.config,
+                             num_classes=self.num_classes)
+    step = jax.vmap(step) if self.members else step
+
     def body(state, batch_idx):
       batch_idx = jax.lax.with_sharding_constraint(batch_idx,
                                                    self.batch_sharding)
-      return train_step(state, images[batch_idx], labels[batch_idx],
-                        self.config, self.num_classes)
+      return step(state, images[batch_idx], labels[batch_idx])
     state, metrics = jax.lax.scan(body, state, idx)
     return state, _sum_tree(metrics)
 
   def epoch_indices(self, key: jax.Array, epoch: int, num_examples: int
                     ) -> jax.Array:
-    """[steps_per_epoch, batch] example indices of one epoch, sharded."""
+    """[steps_per_epoch, batch] example indices of one epoch, sharded
+    ([steps_per_epoch, members, batch] with members, from their keys)."""
     return self._epoch_indices(key, epoch, num_examples)
 
   @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -206,9 +243,14 @@ class Trainer:
                      num_examples: int) -> jax.Array:
     bs = self.config.batch_size
     steps = num_examples // bs
-    perm = input_pipeline.epoch_permutation(key, epoch, num_examples)
-    return jax.lax.with_sharding_constraint(
-        perm[:steps * bs].reshape(steps, bs), self.index_sharding)
+
+    def order(key: jax.Array) -> jax.Array:
+      perm = input_pipeline.epoch_permutation(key, epoch, num_examples)
+      return perm[:steps * bs].reshape(steps, bs)
+
+    idx = jnp.swapaxes(jax.vmap(order)(key), 0, 1) if self.members else (
+        order(key))
+    return jax.lax.with_sharding_constraint(idx, self.index_sharding)
 
 
 def _chunk_size(steps_per_epoch: int, target: int) -> int:
@@ -328,11 +370,31 @@ def is_better(config: Config, val: dict[str, float],
   return val['accuracy'] > meta['best_val_accuracy']
 
 
+def _best_so_far(meta: dict[str, Any], k: int) -> dict[str, Any]:
+  """Member ``k``'s best validation metrics so far, as `is_better` reads
+  them (a one-member run keeps them at the top level of ``meta``)."""
+  return meta['members'][k] if 'members' in meta else meta
+
+
+def _mean(values: list[float]) -> float:
+  return float(np.mean(values))
+
+
+def _stacked_where(mask: np.ndarray, new: Any, old: Any) -> Any:
+  """Member-stacked trees: member k from ``new`` where ``mask[k]``."""
+  def pick(a, b):
+    m = jnp.asarray(mask).reshape((-1,) + (1,) * (a.ndim - 1))
+    return jnp.where(m, a, b)
+  return jax.tree_util.tree_map(pick, new, old)
+
+
 def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   """Trains, checkpoints and tests one run; returns ``results.json``'s dict.
 
   Re-running with the same workdir resumes from the latest checkpoint and
-  reproduces the uninterrupted run.
+  reproduces the uninterrupted run. With ``num_models=K`` the K members
+  train together; each keeps its own best epoch, and the results give each
+  member's test metrics and those of their averaged probabilities.
   """
   _check_workdir(config, workdir)
   registry.create_model(config, 1)  # A bad model fails before data loads.
@@ -341,6 +403,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   if jax.process_index() == 0:
     workdir_lib.write_dataset_info(workdir, info)
   trainer = Trainer(config, info.num_classes)
+  n_members = config.num_models
   n_train = len(data.train)
   steps_per_epoch = n_train // config.batch_size
   if steps_per_epoch == 0:
@@ -353,64 +416,74 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
 
   state = create_train_state(config, trainer.model, info.image_shape,
                              steps_per_epoch)
-  num_params = models.count_params(state.params)
+  num_params = models.count_params(state.params) // n_members
   ckpt = Checkpointer(workdir)
   ckpt.check_space(state)
   meta: dict[str, Any] = {'best_val_accuracy': -1.0, 'best_epoch': -1,
                           'train_seconds': 0.0, 'sums': None}
+  if n_members > 1:
+    meta['members'] = [{'best_val_accuracy': -1.0, 'best_epoch': -1}
+                       for _ in range(n_members)]
   # Replicated before restoring, so Orbax restores onto the (multi-host) mesh.
   state = jax.device_put(state, trainer.replicated)
   restored = ckpt.restore_latest(state)
+  best_vars = None  # The members' best variables (many-member runs).
   if restored is not None:
     state, meta = restored
-    logging.info('Resuming from step %d in %s', int(state.step), workdir)
+    logging.info('Resuming from step %d in %s', state_step(state), workdir)
+    if n_members > 1 and ckpt.has_best():
+      best_vars = ckpt.restore_best(variables_of(state))[0]
 
   images, labels = trainer.put(data.train.images), trainer.put(data.train.labels)
   val_images, val_labels = trainer.put(data.val.images), trainer.put(data.val.labels)
   metrics_out = _Metrics(workdir)
   dkey = data_key(config)
-  logging.info('%s on %s: %d params, %d train / %d val / %d test, %d steps '
+  logging.info('%s on %s: %d params%s, %d train / %d val / %d test, %d steps '
                '(%d per epoch), %d device(s) [%s], kernels %s', config.model,
-               info.name, num_params, n_train, len(data.val), len(data.test),
-               total_steps, steps_per_epoch, trainer.num_devices,
-               jax.default_backend(), config.kernels)
+               info.name, num_params,
+               f' x {n_members} members' if n_members > 1 else '', n_train,
+               len(data.val), len(data.test), total_steps, steps_per_epoch,
+               trainer.num_devices, jax.default_backend(), config.kernels)
 
   def save_latest(step: int, sums: Any) -> None:
     meta['sums'] = None if sums is None else {
-        k: v.item() for k, v in jax.device_get(sums).items()}  # Keeps dtypes.
+        k: np.asarray(jax.device_get(v)).tolist() for k, v in sums.items()}
     ckpt.save_latest(step, state, meta)
 
-  step = int(state.step)
+  step = state_step(state)
   with _stop_on_signals() as stop:
     while step < total_steps:
       epoch, offset = divmod(step, steps_per_epoch)
       t_epoch = time.perf_counter()
       idx = trainer.epoch_indices(dkey, epoch, n_train)
       sums = meta.get('sums') if offset else None
-      sums = None if sums is None else {k: jnp.asarray(v)
-                                        for k, v in sums.items()}
+      sums = None if sums is None else {
+          k: jnp.asarray(v, dtype=jnp.float32 if k == 'loss_sum' else
+                         jnp.int32) for k, v in sums.items()}
       for start in range(offset, steps_per_epoch, chunk):
         t0 = time.perf_counter()
         state, m = trainer.train_chunk(state, images, labels,
                                        idx[start:start + chunk])
         host = jax.device_get(m)  # The one host sync per chunk.
-        loss_sum = float(host['loss_sum'])
+        loss_sum = np.asarray(host['loss_sum'], np.float64)
         dt = time.perf_counter() - t0
         meta['train_seconds'] += dt
         step += chunk
-        if not math.isfinite(loss_sum):
+        if not np.isfinite(loss_sum).all():
           raise CnnJaxError(
-              f'loss became {loss_sum} at step {step} (epoch {epoch + 1}); '
-              'training stopped and the last good checkpoints are kept in '
-              f'{ckpt.root}; try a lower --learning_rate or --grad_clip_norm')
+              f'loss became {loss_sum.tolist()} at step {step} (epoch '
+              f'{epoch + 1}); training stopped and the last good checkpoints '
+              f'are kept in {ckpt.root}; try a lower --learning_rate or '
+              '--grad_clip_norm')
         sums = m if sums is None else jax.tree_util.tree_map(
             jnp.add, sums, m)
         if jax.process_index() == 0:
+          count = np.asarray(host['count'], np.float64)
           logging.info('epoch %d/%d step %d/%d  loss %.4f  acc %.2f%%  '
                        '%.0f img/s', epoch + 1, config.epochs, step,
-                       total_steps, loss_sum / float(host['count']),
-                       100 * float(host['correct']) / float(host['count']),
-                       chunk * config.batch_size / dt)
+                       total_steps, float((loss_sum / count).mean()),
+                       100 * float((host['correct'] / count).mean()),
+                       chunk * config.batch_size * n_members / dt)
         if distributed.any_process(stop['signal'] is not None):
           save_latest(step, sums)
           by = stop['signal'] or 'to another process'
@@ -421,50 +494,116 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
           save_latest(step, sums)
 
       t0 = time.perf_counter()
-      val = trainer.evaluate(variables_of(state), val_images, val_labels)
+      variables = variables_of(state)
+      vals = trainer.evaluate(variables, val_images, val_labels)
+      row = _epoch_row(config, trainer, epoch, step, steps_per_epoch, sums,
+                       vals, variables, val_images, data.val.labels)
       meta['train_seconds'] += time.perf_counter() - t0
-      s = jax.device_get(sums)
-      row = {'epoch': epoch + 1, 'step': step,
-             'train_loss': float(s['loss_sum'] / s['count']),
-             'train_accuracy': float(s['correct'] / s['count']),
-             'val_loss': val['loss'], 'val_accuracy': val['accuracy'],
-             'learning_rate': float(make_schedule(config, steps_per_epoch)(
-                 step - 1)),
-             'epoch_seconds': time.perf_counter() - t_epoch}
+      row['epoch_seconds'] = time.perf_counter() - t_epoch
       logging.info('epoch %d: train loss %.4f acc %.2f%% | val loss %.4f acc '
                    '%.2f%% | %.1fs', epoch + 1, row['train_loss'],
-                   100 * row['train_accuracy'], val['loss'],
-                   100 * val['accuracy'], row['epoch_seconds'])
+                   100 * row['train_accuracy'], row['val_loss'],
+                   100 * row['val_accuracy'], row['epoch_seconds'])
       metrics_out.write(row)
-      if is_better(config, val, meta):
-        meta.update(best_val_accuracy=val['accuracy'],
-                    best_val_loss=val['loss'], best_epoch=epoch + 1)
-        ckpt.save_best(step, variables_of(state),
-                       {'epoch': epoch + 1, 'step': step, **val})
+      improved = [is_better(config, val, _best_so_far(meta, k))
+                  for k, val in enumerate(vals)]
+      for k, val in enumerate(vals):
+        if improved[k]:
+          _best_so_far(meta, k).update(
+              best_val_accuracy=val['accuracy'], best_val_loss=val['loss'],
+              best_epoch=epoch + 1)
+      if any(improved):
+        if n_members == 1:
+          ckpt.save_best(step, variables,
+                         {'epoch': epoch + 1, 'step': step, **vals[0]})
+        else:
+          # New arrays: the state's own are donated to the next chunk.
+          best_vars = _stacked_where(
+              np.asarray(improved), variables,
+              variables if best_vars is None else best_vars)
+          members = [{'epoch': b['best_epoch'], 'loss': b['best_val_loss'],
+                      'accuracy': b['best_val_accuracy']}
+                     for b in meta['members']]
+          ckpt.save_best(step, best_vars, {'step': step, 'members': members})
       save_latest(step, None)
   metrics_out.close()
 
   best, best_meta = ckpt.restore_best(variables_of(state))
-  test = trainer.evaluate(best, data.test.images, data.test.labels)
-  results = {
+  ckpt.close()
+  results = _test_results(config, trainer, info, data, best, best_meta, meta,
+                          total_steps, num_params)
+  if jax.process_index() == 0:
+    workdir_lib.write_json(os.path.join(workdir, workdir_lib.RESULTS), results)
+  logging.info('test accuracy %.2f%% (loss %.4f) with the best params%s; '
+               '%.1fs of training', 100 * results['test_accuracy'],
+               results['test_loss'],
+               f' (epoch {best_meta["epoch"]})' if n_members == 1 else
+               f' of {n_members} members averaged', meta['train_seconds'])
+  return results
+
+
+def _epoch_row(config: Config, trainer: Trainer, epoch: int, step: int,
+               steps_per_epoch: int, sums: Any, vals: list[dict[str, float]],
+               variables: Any, val_images: jax.Array,
+               val_labels: np.ndarray) -> dict[str, Any]:
+  """One ``metrics.jsonl`` row: member means, and per member when many."""
+  s = jax.device_get(sums)
+  train_loss = np.atleast_1d(s['loss_sum'] / s['count'])
+  train_acc = np.atleast_1d(s['correct'] / s['count'])
+  row = {'epoch': epoch + 1, 'step': step,
+         'train_loss': _mean(train_loss), 'train_accuracy': _mean(train_acc),
+         'val_loss': _mean([v['loss'] for v in vals]),
+         'val_accuracy': _mean([v['accuracy'] for v in vals]),
+         'learning_rate': float(make_schedule(config, steps_per_epoch)(
+             step - 1))}
+  if len(vals) > 1:
+    probs = trainer.predictor.probabilities(variables, val_images)
+    row['val_ensemble_accuracy'] = losses.probability_metrics(
+        probs, val_labels)['accuracy']
+    row['members'] = {
+        'train_loss': train_loss.tolist(), 'train_accuracy': train_acc.tolist(),
+        'val_loss': [v['loss'] for v in vals],
+        'val_accuracy': [v['accuracy'] for v in vals]}
+  return row
+
+
+def _test_results(config: Config, trainer: Trainer,
+                  info: input_pipeline.DatasetInfo,
+                  data: input_pipeline.Dataset, best: Any,
+                  best_meta: dict[str, Any], meta: dict[str, Any],
+                  total_steps: int, num_params: int) -> dict[str, Any]:
+  """``results.json``: the best params on the test split."""
+  n_members = config.num_models
+  tests = trainer.evaluate(best, data.test.images, data.test.labels)
+  results: dict[str, Any] = {
       'model': config.model, 'dataset': info.name,
-      'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
+      'test_accuracy': tests[0]['accuracy'], 'test_loss': tests[0]['loss'],
       'best_val_accuracy': meta['best_val_accuracy'],
       'best_val_loss': meta.get('best_val_loss'),
-      'best_metric': config.best_metric,
-      'best_epoch': best_meta['epoch'], 'epochs': config.epochs,
-      'steps': total_steps, 'num_params': num_params,
-      'train_seconds': meta['train_seconds'],
-      'train_img_per_s': total_steps * config.batch_size / max(
+      'best_metric': config.best_metric, 'best_epoch': best_meta.get('epoch'),
+      'epochs': config.epochs, 'steps': total_steps, 'num_params': num_params,
+      'num_models': n_members, 'train_seconds': meta['train_seconds'],
+      'train_img_per_s': total_steps * config.batch_size * n_members / max(
           meta['train_seconds'], 1e-9),
       'num_devices': trainer.num_devices, 'backend': jax.default_backend(),
       'kernels': config.kernels, 'test_examples': len(data.test),
   }
-  if jax.process_index() == 0:
-    workdir_lib.write_json(os.path.join(workdir, workdir_lib.RESULTS), results)
-  ckpt.close()
-  logging.info('test accuracy %.2f%% (loss %.4f) with the best params (epoch '
-               '%d, val acc %.2f%%); %.1fs of training', 100 * test['accuracy'],
-               test['loss'], best_meta['epoch'],
-               100 * meta['best_val_accuracy'], meta['train_seconds'])
+  if n_members > 1:
+    probs = trainer.predictor.probabilities(best, data.test.images)
+    ensemble = losses.probability_metrics(probs, data.test.labels)
+    accs = [t['accuracy'] for t in tests]
+    results.update(
+        test_accuracy=ensemble['accuracy'], test_loss=ensemble['loss'],
+        vote_accuracy=ensemble['vote_accuracy'],
+        member_test_accuracy_mean=_mean(accs),
+        member_test_accuracy_std=float(np.std(accs, ddof=1)),
+        best_val_accuracy=_mean([b['best_val_accuracy']
+                                 for b in meta['members']]),
+        best_val_loss=_mean([b['best_val_loss'] for b in meta['members']]),
+        members=[{'seed': seed, 'test_accuracy': t['accuracy'],
+                  'test_loss': t['loss'], 'best_epoch': b['best_epoch'],
+                  'best_val_accuracy': b['best_val_accuracy'],
+                  'best_val_loss': b['best_val_loss']}
+                 for seed, t, b in zip(member_seeds(config), tests,
+                                       meta['members'])])
   return results

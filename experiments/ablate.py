@@ -1,22 +1,28 @@
 r"""Runs a named ablation study over several seeds and tabulates it.
 
-  python experiments/ablate.py --study=filters --quick --jobs=2 --out=/tmp/abl
+  python experiments/ablate.py --study=filters --out=experiments/results
+  python experiments/ablate.py --study=filters --quick --out=/tmp/abl
 
-Each (variant, seed) is one `python -m cnn_jax.main` subprocess training in
-its own workdir ``OUT/STUDY/runs/<variant>_seed<k>`` and logging to its
-``log.txt``. Runs whose ``results.json`` exists are skipped, so re-running
-the same command resumes a sweep (an interrupted run resumes from its own
-latest checkpoint). Finally ``OUT/STUDY/`` gets ``results.csv`` (one row per
-run), ``results.md`` (mean ± std over seeds per variant), ``accuracy.png``
-(accuracy vs the study's knob) and ``cost.png`` (accuracy vs training time).
+Every run starts from a recipe flagfile (the study's, normally
+``experiments/configs/ablation.flags``; ``--recipe=PATH`` for another), read
+by absl exactly as ``python -m cnn_jax.main --flagfile=...`` reads it. By
+default the seeds of a variant train together in one process, as the members
+of one ``--num_models=N`` run (jax.vmap: one compilation per variant), in
+``OUT/STUDY/runs/<variant>``; ``--separate_seeds`` runs one process per seed
+in ``OUT/STUDY/runs/<variant>_seed<k>`` instead (for one GPU per job). Each
+run logs to its workdir's ``log.txt``. Runs whose ``results.json`` exists are
+skipped, so re-running the same command resumes a sweep (an interrupted run
+resumes from its own latest checkpoint). Finally ``OUT/STUDY/`` gets
+``results.csv`` (one row per seed), ``results.md`` (mean ± std over seeds per
+variant), ``accuracy.png`` (accuracy vs the study's knob) and ``cost.png``.
 
 Options other than the ones below that name a `cnn_jax.main` flag
 (``--epochs=3``, ``--kernels=flax``, ``--flagfile=my.flags``) are base
 options given to every run. A run's flags, later ones winning: the recipe,
-the study's base, flagfile options, the --quick recipe, command-line
-options, the variant's overrides, the seed. Exit status: 0 when every run
-has a result, 1 when some failed, 2 for bad arguments, 130 when
-interrupted.
+the study's base, flagfile options, the --quick overlay
+(``configs/quick.flags``), other command-line options, the variant's
+overrides, the seeds. Exit status: 0 when every run has a result, 1 when
+some failed, 2 for bad arguments, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import glob
+import json
 import os
 import pathlib
 import queue
@@ -45,14 +52,13 @@ for _p in (str(EXPERIMENTS), str(REPO)):
     sys.path.insert(0, _p)
 
 import ablation_report  # noqa: E402
-from ablation_studies import (DEFAULT_SEEDS, FULL_RECIPE, QUICK_RECIPE,  # noqa: E402
+from ablation_studies import (CONFIGS, DEFAULT_SEEDS, QUICK_RECIPE,  # noqa: E402
                               Study, Variant, studies)
-from cnn_jax.config import Config, CnnJaxError, validate  # noqa: E402
+from cnn_jax import config_flags  # noqa: E402
+from cnn_jax.config import Config, CnnJaxError, RESUMABLE_FIELDS  # noqa: E402
 
 # Flags ablate.py sets itself for every run.
-RESERVED_FLAGS = ('workdir', 'mode', 'seed')
-_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Config)}
-_TRUE, _FALSE = ('true', 't', '1', 'yes'), ('false', 'f', '0', 'no')
+RESERVED_FLAGS = ('workdir', 'mode', 'seed', 'num_models')
 
 
 class UsageError(Exception):
@@ -61,12 +67,12 @@ class UsageError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """One training subprocess of a study."""
+  """One training subprocess of a study: one or several seeds."""
 
   variant: Variant
-  seed: int
+  seeds: tuple[int, ...]
   workdir: str
-  flags: Mapping[str, Any]
+  argv: tuple[str, ...]  # cnn_jax.main flags, --workdir aside.
 
   @property
   def name(self) -> str:
@@ -74,7 +80,10 @@ class Run:
 
   def command(self) -> list[str]:
     return [sys.executable, '-m', 'cnn_jax.main',
-            f'--workdir={self.workdir}', *to_argv(self.flags)]
+            f'--workdir={self.workdir}', *self.argv]
+
+  def config(self) -> Config:
+    return config_flags.config_from_argv(self.argv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,74 +95,6 @@ class Outcome:
 
 
 # Flags ------------------------------------------------------------------------
-def _parse_value(name: str, text: str | None, negated: bool) -> Any:
-  kind = _FIELD_TYPES[name]
-  if kind == 'bool':
-    if text is None:
-      return not negated
-    if text.lower() in _TRUE + _FALSE:
-      return (text.lower() in _TRUE) != negated
-    raise UsageError(f'--{name} takes true or false, got {text!r}')
-  if text is None or negated:
-    raise UsageError(f'--{name} needs a value (--{name}=...)')
-  try:
-    return {'int': int, 'float': float, 'str': str}[kind](text)
-  except ValueError:
-    raise UsageError(f'--{name} takes a{"n" if kind == "int" else ""} '
-                     f'{kind}, got {text!r}') from None
-
-
-def parse_base_options(args: Sequence[str], study: Study
-                       ) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Typed `cnn_jax.main` flags: (from flagfiles, from the command line).
-
-  A flag the study varies is an error on the command line; in a flagfile
-  (a recipe) the variants simply override it.
-  """
-  from_files: dict[str, Any] = {}
-  explicit: dict[str, Any] = {}
-
-  def take(items: Sequence[str], source: str) -> None:
-    for item in items:
-      m = re.fullmatch(r'--?([A-Za-z_]\w*)(?:=(.*))?', item, re.DOTALL)
-      if not m:
-        raise UsageError(f'unexpected argument {item!r}{source}; base '
-                         'options are written --name=value')
-      name, text = m.group(1), m.group(2)
-      if name == 'flagfile':
-        if not text:
-          raise UsageError(f'--flagfile needs a path{source}')
-        take(_read_flagfile(text), f' (in {text})')
-        continue
-      negated = name not in _FIELD_TYPES and name.startswith('no') and (
-          _FIELD_TYPES.get(name[2:]) == 'bool')
-      name = name[2:] if negated else name
-      if name in RESERVED_FLAGS:
-        raise UsageError(f'--{name} is set by ablate.py for each run'
-                         + (' (use --seeds)' if name == 'seed' else '')
-                         + source)
-      if name not in _FIELD_TYPES:
-        raise UsageError(f'unknown option --{name}{source}; see --help')
-      if name in study.varied_flags and not source:
-        raise UsageError(f'--{name} is what study {study.name} varies; it '
-                         'cannot be a base option')
-      (from_files if source else explicit)[name] = _parse_value(
-          name, text, negated)
-
-  take(args, '')
-  return from_files, explicit
-
-
-def _read_flagfile(path: str) -> list[str]:
-  try:
-    with open(path) as f:
-      lines = [line.strip() for line in f]
-  except OSError as e:
-    raise UsageError(f'cannot read --flagfile={path}: {e.strerror or e}'
-                     ) from None
-  return [line for line in lines if line and not line.startswith(('#', '//'))]
-
-
 def to_argv(flags: Mapping[str, Any]) -> list[str]:
   """``--name=value`` args (bools as true/false) in the mapping's order."""
   def text(v: Any) -> str:
@@ -161,56 +102,93 @@ def to_argv(flags: Mapping[str, Any]) -> list[str]:
   return [f'--{k}={text(v)}' for k, v in flags.items()]
 
 
-def run_flags(study: Study, variant: Variant, seed: int, quick: bool,
-              base_options: tuple[Mapping[str, Any], Mapping[str, Any]],
-              data_dir: str) -> dict[str, Any]:
-  """A run's flags; later sources win (see the module docstring)."""
-  from_files, explicit = base_options
-  flags = dict(FULL_RECIPE)
-  flags.update(study.base)
-  flags.update(from_files)
+def _flag_name(arg: str) -> str:
+  m = re.fullmatch(r'--?([A-Za-z_]\w*)(?:=.*)?', arg, re.DOTALL)
+  if not m:
+    raise UsageError(f'unexpected argument {arg!r}; base options are '
+                     'written --name=value')
+  return m.group(1)
+
+
+def parse_base_options(args: Sequence[str], study: Study
+                       ) -> tuple[list[str], list[str]]:
+  """The user's base options: (flagfile arguments, other arguments).
+
+  They are checked by parsing them with absl as `cnn_jax.main` would: an
+  unknown flag, a bad value or an unreadable flagfile is a usage error. A
+  flag the study varies, or one ablate.py sets, is an error on the command
+  line; in a flagfile (a recipe) the variants simply override it.
+  """
+  flagfiles, explicit = [], []
+  for arg in args:
+    name = _flag_name(arg)
+    if name == 'flagfile':
+      flagfiles.append(arg)
+      continue
+    plain = name[2:] if name.startswith('no') and name[2:] in (
+        f.name for f in dataclasses.fields(Config)) else name
+    if plain in RESERVED_FLAGS:
+      raise UsageError(f'--{plain} is set by ablate.py for each run'
+                       + (' (use --seeds)' if plain == 'seed' else ''))
+    if plain in study.varied_flags:
+      raise UsageError(f'--{plain} is what study {study.name} varies; it '
+                       'cannot be a base option')
+    explicit.append(arg)
+  try:
+    config_flags.parse_argv([*flagfiles, *explicit])
+  except Exception as e:  # absl's flags.Error and flagfile OSErrors.
+    raise UsageError(' '.join(str(e).split())) from None
+  return flagfiles, explicit
+
+
+def run_argv(study: Study, variant: Variant, seeds: Sequence[int],
+             quick: bool, base: tuple[Sequence[str], Sequence[str]],
+             recipe: str, data_dir: str) -> list[str]:
+  """A run's cnn_jax.main arguments; later ones win (see the docstring)."""
+  flagfiles, explicit = base
+  argv = [f'--flagfile={recipe}', *to_argv(study.base), *flagfiles]
   if quick:
-    flags.update(QUICK_RECIPE)
-  flags.update(explicit)
-  flags.update(variant.overrides)
-  flags['seed'] = seed
+    argv.append(f'--flagfile={QUICK_RECIPE}')
+  argv += [*explicit, *to_argv(variant.overrides), f'--seed={seeds[0]}',
+           f'--num_models={len(seeds)}']
   if data_dir:
-    flags['tfds_data_dir'] = data_dir
-  return flags
+    argv.append(f'--tfds_data_dir={data_dir}')
+  return argv
 
 
 def plan(study: Study, variants: Sequence[Variant], seeds: int, out: str,
-         quick: bool,
-         base_options: tuple[Mapping[str, Any], Mapping[str, Any]],
-         data_dir: str) -> list[Run]:
-  """Every (variant, seed) run, its flags checked by `cnn_jax.config`."""
+         quick: bool, base: tuple[Sequence[str], Sequence[str]],
+         data_dir: str, recipe: str | None = None,
+         separate_seeds: bool = False) -> list[Run]:
+  """Every run of the study, its flags checked by `cnn_jax.config`."""
+  recipe = recipe or str(CONFIGS / study.recipe)
   runs = []
   for variant in variants:
-    for seed in range(seeds):
-      flags = run_flags(study, variant, seed, quick, base_options, data_dir)
+    groups = ([(k,) for k in range(seeds)] if separate_seeds
+              else [tuple(range(seeds))])
+    for group in groups:
+      argv = run_argv(study, variant, group, quick, base, recipe, data_dir)
       try:
-        validate(Config(**flags))
+        config_flags.config_from_argv(argv)
       except CnnJaxError as e:
         raise UsageError(f'variant {variant.name}: {e}') from None
-      workdir = os.path.join(out, study.name, 'runs',
-                             f'{variant.name}_seed{seed}')
-      runs.append(Run(variant, seed, os.path.abspath(workdir), flags))
+      name = (f'{variant.name}_seed{group[0]}' if separate_seeds
+              else variant.name)
+      runs.append(Run(variant, group, os.path.abspath(
+          os.path.join(out, study.name, 'runs', name)), tuple(argv)))
   return runs
 
 
 def stale_error(run: Run) -> str | None:
   """Why a finished workdir cannot stand for `run` (another config), if so."""
-  import json
-
-  from cnn_jax.config import RESUMABLE_FIELDS
   try:
     with open(os.path.join(run.workdir, 'config.json')) as f:
       old = json.load(f)
   except (OSError, ValueError):
     return f'{run.workdir} has results.json but no readable config.json'
-  new = json.loads(Config(**run.flags).to_json())
-  diff = sorted(k for k in set(old) | set(new)
-                if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k))
+  new = json.loads(run.config().to_json())
+  diff = sorted(k for k in new
+                if k not in RESUMABLE_FIELDS and old.get(k) != new[k])
   if not diff:
     return None
   shown = ', '.join(f'--{k}={old.get(k)!r}->{new.get(k)!r}' for k in diff[:3])
@@ -391,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
                       '$TFDS_DATA_DIR)')
   parser.add_argument('--dry_run', action='store_true',
                       help='print the commands of the pending runs and stop')
+  parser.add_argument('--recipe',
+                      help='recipe flagfile for every run (default: the '
+                      'study\'s, experiments/configs/ablation.flags)')
+  parser.add_argument('--separate_seeds', action='store_true',
+                      help='one process per seed instead of all seeds of a '
+                      'variant as the members of one --num_models run')
   return parser
 
 
@@ -421,15 +405,17 @@ def _main(argv: Sequence[str], say: Callable[[str], None]) -> int:
   mode = 'quick' if args.quick else 'full'
   seeds = args.seeds or DEFAULT_SEEDS[mode]
   variants = _select(study, args.variants)
+  if args.recipe and not os.path.isfile(args.recipe):
+    raise UsageError(f'--recipe={args.recipe} is not a readable file')
   base = parse_base_options(extra, study)
   runs = plan(study, variants, seeds, args.out, args.quick, base,
-              args.tfds_data_dir)
+              args.tfds_data_dir, args.recipe, args.separate_seeds)
   finished = [r for r in runs
               if ablation_report.read_results(r.workdir) is not None]
   pending = [r for r in runs if r not in finished]
   study_dir = os.path.join(args.out, study.name)
-  say(f'study {study.name} ({mode}): {len(runs)} runs = {len(variants)} '
-      f'variants x {seeds} seeds; {len(finished)} already finished, '
+  say(f'study {study.name} ({mode}): {len(variants)} variants x {seeds} '
+      f'seeds in {len(runs)} runs; {len(finished)} already finished, '
       f'{len(pending)} to run, in {os.path.abspath(study_dir)}')
   if args.dry_run:
     for r in pending:
@@ -450,8 +436,8 @@ def _main(argv: Sequence[str], say: Callable[[str], None]) -> int:
     say('interrupted: re-run the same command to resume the sweep')
     return 130
 
-  rows = [ablation_report.run_row(r.variant, r.seed, r.workdir,
-                                  errors.get(r.workdir)) for r in runs]
+  rows = [row for r in runs for row in ablation_report.run_rows(
+      r.variant, r.seeds, r.workdir, errors.get(r.workdir))]
   paths = ablation_report.write_report(study_dir, study, rows, mode)
   summaries = ablation_report.summarize(study, rows)
   say('\n' + ablation_report.markdown_table(study, summaries))

@@ -21,7 +21,7 @@ from ablation_studies import Study, Variant
 METRICS = ('test_accuracy', 'test_loss', 'best_val_accuracy', 'num_params',
            'train_seconds', 'train_img_per_s', 'epochs')
 ROW_FIELDS = ('variant', 'group', 'knob', 'seed', 'status') + METRICS + (
-    'error', 'workdir')
+    'ensemble_accuracy', 'error', 'workdir')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Summary:
   num_params: float
   train_seconds: float
   img_per_s: float
+  ensemble_acc: float  # Of the seeds' averaged probabilities (NaN if n/a).
 
 
 def read_results(workdir: str) -> dict[str, Any] | None:
@@ -49,21 +50,36 @@ def read_results(workdir: str) -> dict[str, Any] | None:
     return None
 
 
-def run_row(variant: Variant, seed: int, workdir: str,
-            error: str | None = None) -> dict[str, Any]:
-  """The CSV row of one run: its results, or its error, plus its overrides."""
+def run_rows(variant: Variant, seeds: Sequence[int], workdir: str,
+             error: str | None = None) -> list[dict[str, Any]]:
+  """The CSV rows of one run, one per seed: its results (each member's, for
+  a many-member run) or its error, plus the variant's overrides.
+
+  A member's ``train_seconds`` is its share of the run's (the run's time
+  over its members); ``ensemble_accuracy`` is the test accuracy of all the
+  run's members' averaged probabilities.
+  """
   results = read_results(workdir)
-  row: dict[str, Any] = {'variant': variant.name, 'group': variant.group,
-                         'knob': variant.knob, 'seed': seed,
-                         'workdir': workdir, 'error': ''}
-  if error is not None:
-    row.update(status='failed', error=error)
-  elif results is None:
-    row.update(status='missing')
-  else:
-    row.update(status='ok', **{k: results.get(k) for k in METRICS})
-  row.update(variant.overrides)
-  return row
+  rows = []
+  members = (results or {}).get('members') or [None] * len(seeds)
+  for seed, member in zip(seeds, members):
+    row: dict[str, Any] = {'variant': variant.name, 'group': variant.group,
+                           'knob': variant.knob, 'seed': seed,
+                           'workdir': workdir, 'error': ''}
+    if error is not None:
+      row.update(status='failed', error=error)
+    elif results is None:
+      row.update(status='missing')
+    else:
+      row.update(status='ok', **{k: results.get(k) for k in METRICS})
+      if member is not None:
+        row.update({k: member[k] for k in (
+            'test_accuracy', 'test_loss', 'best_val_accuracy')})
+        row['train_seconds'] = results['train_seconds'] / len(members)
+        row['ensemble_accuracy'] = results['test_accuracy']
+    row.update(variant.overrides)
+    rows.append(row)
+  return rows
 
 
 def _fmt(value: Any) -> Any:
@@ -105,7 +121,10 @@ def summarize(study: Study, rows: Sequence[dict[str, Any]]) -> list[Summary]:
         accs=accs,
         num_params=_mean([float(r['num_params']) for r in ok]),
         train_seconds=_mean([float(r['train_seconds']) for r in ok]),
-        img_per_s=_mean([float(r['train_img_per_s']) for r in ok])))
+        img_per_s=_mean([float(r['train_img_per_s']) for r in ok]),
+        ensemble_acc=_mean(sorted({float(r['ensemble_accuracy']) for r in ok
+                                   if r.get('ensemble_accuracy')
+                                   is not None}))))
   return out
 
 
@@ -120,11 +139,15 @@ def _num(x: float, spec: str) -> str:
 def markdown_table(study: Study, summaries: Sequence[Summary]) -> str:
   """The aggregated table; the best mean test accuracy is bold."""
   grouped = any(s.variant.group for s in summaries)
+  ensembled = any(not math.isnan(s.ensemble_acc) for s in summaries)
   head = ['variant'] + (['group'] if grouped else []) + [
-      study.knob_label, 'test accuracy % (mean ± std)', 'seeds', 'params',
-      'train time (s)', 'train img/s']
+      study.knob_label, 'test accuracy % (mean ± std)', 'seeds'] + (
+          ['seeds averaged %'] if ensembled else []) + [
+              'params', 'train time (s)', 'train img/s']
+  numeric = 5 + ensembled
   lines = ['| ' + ' | '.join(head) + ' |',
-           '|' + '|'.join(['---'] * (len(head) - 5) + ['---:'] * 5) + '|']
+           '|' + '|'.join(['---'] * (len(head) - numeric)
+                          + ['---:'] * numeric) + '|']
   finite = [s.acc_mean for s in summaries if not math.isnan(s.acc_mean)]
   best = max(finite) if finite else None
   for s in summaries:
@@ -136,8 +159,9 @@ def markdown_table(study: Study, summaries: Sequence[Summary]) -> str:
     cells = [s.variant.name] + ([s.variant.group] if grouped else []) + [
         f'{s.variant.knob:g}' if isinstance(s.variant.knob, float)
         else str(s.variant.knob),
-        acc, seeds, _num(s.num_params, ',.0f'), _num(s.train_seconds, '.1f'),
-        _num(s.img_per_s, ',.0f')]
+        acc, seeds] + ([_pct(s.ensemble_acc)] if ensembled else []) + [
+            _num(s.num_params, ',.0f'), _num(s.train_seconds, '.1f'),
+            _num(s.img_per_s, ',.0f')]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
@@ -236,7 +260,7 @@ def plot_cost(path: str, study: Study, summaries: Sequence[Summary],
   for s in done:
     ax.annotate(s.variant.name, (s.train_seconds, 100 * s.acc_mean),
                 fontsize=7, xytext=(3, 3), textcoords='offset points')
-  ax.set_xlabel('mean training time per run (s)')
+  ax.set_xlabel('mean training time per seed (s)')
   ax.set_ylabel('mean test accuracy (%)')
   _finish(fig, ax, path, title, legend=any(groups))
 

@@ -2,29 +2,23 @@
 
 A study is a list of variants; each variant is a set of `cnn_jax.main` flag
 overrides plus where it sits in the study's plot: its `knob` (the x value)
-and its `group` (the line it belongs to). Every run starts from the training
-recipe (`FULL_RECIPE`, shrunk by `QUICK_RECIPE` with --quick), then the
-study's `base`, then the user's base options, then the variant's overrides.
+and its `group` (the line it belongs to). Every run starts from the study's
+recipe, a flagfile in ``experiments/configs`` (``ablation.flags``: one
+shorter recipe for every variant, so a study fits a CPU), then the study's
+`base`, then the user's base options, then the variant's overrides.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import types
 from typing import Any, Mapping
 
-# The recipe of experiments/configs/simple_cnn.flags, with 10 epochs.
-FULL_RECIPE: Mapping[str, Any] = types.MappingProxyType({
-    'model': 'simple_cnn', 'epochs': 10, 'batch_size': 128,
-    'optimizer': 'adam', 'learning_rate': 3e-3, 'lr_schedule': 'onecycle',
-    'augment': True, 'aug_max_shift': 2.0, 'aug_max_rotation': 10.0,
-    'aug_max_scale': 0.1,
-})
-# Applied on top of FULL_RECIPE with --quick: a few steps on a small subset.
-QUICK_RECIPE: Mapping[str, Any] = types.MappingProxyType({
-    'train_examples': 1024, 'val_examples': 512, 'test_examples': 1000,
-    'epochs': 1, 'batch_size': 64, 'log_every_steps': 4,
-})
+CONFIGS = pathlib.Path(__file__).resolve().parent / 'configs'
+RECIPE = 'ablation.flags'
+# Overlaid on the recipe with --quick: a few steps on a small subset.
+QUICK_RECIPE = str(CONFIGS / 'quick.flags')
 DEFAULT_SEEDS = {'quick': 2, 'full': 3}
 
 
@@ -48,6 +42,7 @@ class Study:
   variants: tuple[Variant, ...]
   base: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   log_x: bool = False
+  recipe: str = RECIPE  # A flagfile in experiments/configs.
 
   @property
   def varied_flags(self) -> tuple[str, ...]:

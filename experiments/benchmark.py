@@ -68,6 +68,8 @@ flags.DEFINE_list('peers', ['keras', 'torch'],
                   'installed are skipped.')
 flags.DEFINE_enum('kernels', 'auto', config_lib.KERNELS,
                   'cnn_jax training layers (see cnn_jax/kernels).')
+flags.DEFINE_integer('num_models', 1, 'cnn_jax members trained at once '
+                     '(jax.vmap); img/s then counts every member\'s images.')
 flags.DEFINE_enum('dtype', 'float32', config_lib.DTYPES,
                   'cnn_jax compute dtype.')
 flags.DEFINE_integer('host_devices', 0, 'If > 0, split the CPU into this many '
@@ -139,7 +141,8 @@ def settings() -> dict[str, Any]:
            eval_examples=FLAGS.eval_examples,
            eval_batch_size=FLAGS.eval_batch_size,
            learning_rate=FLAGS.learning_rate, kernels=FLAGS.kernels,
-           dtype=FLAGS.dtype, peers=[p for p in FLAGS.peers if p])
+           dtype=FLAGS.dtype, num_models=FLAGS.num_models,
+           peers=[p for p in FLAGS.peers if p])
   from cnn_jax.registry import MODELS
   unknown = ([m for m in s['models'] if m not in MODELS]
              + [p for p in s['peers'] if p not in RUNNERS])
@@ -166,7 +169,8 @@ class JaxRunner:
     self.config = config_lib.Config(
         model=model_name, batch_size=s['batch_size'], optimizer='adam',
         learning_rate=s['learning_rate'], kernels=s['kernels'],
-        dtype=s['dtype'], eval_batch_size=s['eval_batch_size'])
+        dtype=s['dtype'], eval_batch_size=s['eval_batch_size'],
+        num_models=s['num_models'])
     self.trainer = train.Trainer(self.config, NUM_CLASSES)
     if layers is not None:
       model = self.trainer.model
@@ -187,9 +191,10 @@ class JaxRunner:
     self.num_params = models.count_params(self.state.params)
 
   def train(self) -> None:
+    import numpy as np
     self.state, metrics = self.trainer.train_chunk(
         self.state, self.images, self.labels, self.idx)
-    loss = float(metrics['loss_sum'])  # Blocks, as training does per chunk.
+    loss = float(np.sum(metrics['loss_sum']))  # Blocks, as training does.
     if not math.isfinite(loss):
       raise FloatingPointError(f'{self.name}: loss {loss}')
 
@@ -458,9 +463,10 @@ def benchmark(s: dict[str, Any]) -> dict[str, Any]:
     for name, (runner, info) in by_framework.items():
       t_train = statistics.median(train_t[name])
       t_eval = statistics.median(eval_t[name])
+      members = s['num_models'] if name == 'cnn_jax' else 1
       figures[name] = {
-          'train_img_per_s': n / t_train,
-          'eval_img_per_s': s['eval_examples'] / t_eval,
+          'train_img_per_s': n * members / t_train,
+          'eval_img_per_s': s['eval_examples'] * members / t_eval,
           'compile_seconds': max(0.0, info['first_train_seconds'] - t_train),
           'peak_rss_mb': info['peak_rss_mb'],
           'rss_growth_mb': info['rss_growth_mb'],

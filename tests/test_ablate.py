@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, real_tfds_dir
+from cnn_jax import config_flags
 from cnn_jax.config import Config
 
 sys.path.insert(0, str(REPO / 'experiments'))
@@ -60,20 +61,30 @@ def test_studies_vary_what_they_promise():
 
 @pytest.mark.parametrize('quick', [False, True])
 def test_every_run_of_every_study_is_a_valid_config(quick, tmp_path):
+  recipe = config_flags.config_from_flagfile(
+      str(REPO / 'experiments' / 'configs' / 'ablation.flags'))
   for study in ablation_studies.studies().values():
-    runs = ablate.plan(study, study.variants, 2, str(tmp_path), quick,
-                       ({}, {}), '/data')
-    assert len(runs) == 2 * len(study.variants)
+    runs = ablate.plan(study, study.variants, 3, str(tmp_path), quick,
+                       ([], []), '/data')
+    assert len(runs) == len(study.variants)  # Seeds train together.
     for run in runs:
-      config = Config(**run.flags)
+      config = run.config()
       assert config.tfds_data_dir == '/data'
+      assert (config.seed, config.num_models) == (0, 3)
+      assert run.seeds == (0, 1, 2)
       for k, v in run.variant.overrides.items():
         assert getattr(config, k) == v
-      assert (config.epochs == 1) == quick
+      assert config.epochs == (1 if quick else recipe.epochs)
+    separate = ablate.plan(study, study.variants[:1], 2, str(tmp_path),
+                           quick, ([], []), '', separate_seeds=True)
+    assert [(r.seeds, r.config().num_models, r.name) for r in separate] == [
+        ((0,), 1, f'{study.variants[0].name}_seed0'),
+        ((1,), 1, f'{study.variants[0].name}_seed1')]
 
 
 def test_flag_precedence(tmp_path):
-  """recipe < flagfile < --quick < command line < variant < seed."""
+  """recipe < study base < flagfile < --quick < command line < variant <
+  seeds, all read by absl as cnn_jax.main reads them."""
   flagfile = tmp_path / 'base.flags'
   flagfile.write_text('# a recipe\n--epochs=12\n--width_multiplier=4\n'
                       '--noaugment\n--learning_rate=0.01\n')
@@ -82,14 +93,18 @@ def test_flag_precedence(tmp_path):
       [f'--flagfile={flagfile}', '--learning_rate=0.02', '--dense_features=32'],
       study)
   variant = study.variant('width2')
-  quick = ablate.run_flags(study, variant, 3, True, base, '')
-  assert quick['epochs'] == 1  # --quick shrinks the flagfile's recipe...
-  assert quick['learning_rate'] == 0.02  # ...command-line options win...
-  assert quick['width_multiplier'] == 2.0  # ...and the variant wins last.
-  assert quick['augment'] is False and quick['dense_features'] == 32
-  assert quick['seed'] == 3 and 'tfds_data_dir' not in quick
-  full = ablate.run_flags(study, variant, 0, False, base, '/d')
-  assert full['epochs'] == 12 and full['tfds_data_dir'] == '/d'
+  recipe = str(REPO / 'experiments' / 'configs' / 'ablation.flags')
+  quick = config_flags.config_from_argv(
+      ablate.run_argv(study, variant, [3, 4], True, base, recipe, ''))
+  assert quick.epochs == 1  # --quick shrinks the flagfile's recipe...
+  assert quick.learning_rate == 0.02  # ...command-line options win...
+  assert quick.width_multiplier == 2.0  # ...and the variant wins last.
+  assert quick.augment is False and quick.dense_features == 32
+  assert (quick.seed, quick.num_models, quick.tfds_data_dir) == (3, 2, '')
+  full = config_flags.config_from_argv(
+      ablate.run_argv(study, variant, [0], False, base, recipe, '/d'))
+  assert full.epochs == 12 and full.tfds_data_dir == '/d'
+  assert full.model == 'simple_cnn'  # From the recipe.
   assert ablate.to_argv({'augment': False, 'epochs': 2}) == [
       '--augment=false', '--epochs=2']
 
@@ -113,12 +128,14 @@ def test_list_and_help(capsys):
     (['--study=filters', '--width_multiplier=3'], 'varies'),
     (['--study=filters', '--seed=1'], '--seeds'),
     (['--study=filters', '--workdir=/x'], 'set by ablate.py'),
-    (['--study=filters', '--bogus=1'], 'unknown option --bogus'),
+    (['--study=filters', '--num_models=2'], 'set by ablate.py'),
+    (['--study=filters', '--bogus=1'], "Unknown command line flag 'bogus'"),
     (['--study=filters', '--epochs=many'], 'int'),
-    (['--study=filters', '--augment=maybe'], 'true or false'),
+    (['--study=filters', '--augment=maybe'], 'augment'),
     (['--study=filters', '--optimizer=sgdd'], 'unknown --optimizer'),
     (['--study=filters', '--variants=width3'], 'width0.5'),
-    (['--study=filters', '--flagfile=/no/such/file'], 'cannot read'),
+    (['--study=filters', '--flagfile=/no/such/file'], '/no/such/file'),
+    (['--study=filters', '--recipe=/no/such/file'], 'not a readable file'),
     (['--study=filters', 'stray'], 'unexpected argument'),
 ])
 def test_bad_arguments_are_one_error_line(capsys, tmp_path, args, words):
@@ -144,9 +161,11 @@ def test_dry_run_lists_pending_commands(capsys, tmp_path):
   cmd = [line for line in out.splitlines() if 'cnn_jax.main' in line]
   assert len(cmd) == 1
   for flag in ('--model=deep_cnn', '--batch_norm=false',
-               '--dropout_rate=0.5', '--kernels=flax', '--epochs=1',
-               '--seed=0', f'--workdir={tmp_path}/batchnorm_dropout/runs/'
-               'nobn_drop0.5_seed0'):
+               '--dropout_rate=0.5', '--kernels=flax',
+               '/experiments/configs/quick.flags',
+               '/experiments/configs/ablation.flags', '--seed=0',
+               '--num_models=1',
+               f'--workdir={tmp_path}/batchnorm_dropout/runs/nobn_drop0.5'):
     assert flag in cmd[0]
   assert not (tmp_path / 'batchnorm_dropout').exists()
 
@@ -169,12 +188,12 @@ def test_summary_markdown_csv_and_plots(tmp_path):
     for seed, acc in enumerate(values):
       workdir = tmp_path / 'runs' / f'{name}_seed{seed}'
       _fake_run(workdir, acc, params=100 * (seed + 1), seconds=10 + seed)
-      rows.append(ablation_report.run_row(study.variant(name), seed,
-                                          str(workdir)))
-  rows.append(ablation_report.run_row(study.variant('width2'), 0,
-                                      str(tmp_path / 'x'), 'exit 1: error: boom'))
-  rows.append(ablation_report.run_row(study.variant('width2'), 1,
-                                      str(tmp_path / 'never_ran')))
+      rows += ablation_report.run_rows(study.variant(name), [seed],
+                                       str(workdir))
+  rows += ablation_report.run_rows(study.variant('width2'), [0],
+                                   str(tmp_path / 'x'), 'exit 1: error: boom')
+  rows += ablation_report.run_rows(study.variant('width2'), [1],
+                                   str(tmp_path / 'never_ran'))
 
   summaries = {s.variant.name: s for s in ablation_report.summarize(study, rows)}
   for name, values in accs.items():
@@ -208,8 +227,8 @@ def test_summary_markdown_csv_and_plots(tmp_path):
 def test_one_seed_has_no_std(tmp_path):
   study = ablation_studies.studies()['augmentation']
   _fake_run(tmp_path / 'r', 0.5)
-  rows = [ablation_report.run_row(study.variant('deep_aug'), 0,
-                                  str(tmp_path / 'r'))]
+  rows = ablation_report.run_rows(study.variant('deep_aug'), [0],
+                                 str(tmp_path / 'r'))
   table = ablation_report.markdown_table(
       study, ablation_report.summarize(study, rows))
   assert '| deep_aug | deep_cnn | on | **50.00 ± n/a** | 1 |' in table
@@ -218,25 +237,28 @@ def test_one_seed_has_no_std(tmp_path):
 # The runner, with a stand-in for cnn_jax.main ---------------------------------
 FAKE_MAIN = textwrap.dedent('''\
     import json, os, sys
-    sys.path.insert(0, {experiments!r})
-    import ablate
-    from cnn_jax.config import Config
-    args = dict(a[2:].split('=', 1) for a in sys.argv[1:])
-    workdir = args.pop('workdir')
-    flags = {{k: ablate._parse_value(k, v, False) for k, v in args.items()}}
+    from cnn_jax import config_flags
+    workdir = sys.argv[1].split('=', 1)[1]
+    config = config_flags.config_from_argv(sys.argv[2:])
     with open({calls!r}, 'a') as f:
       f.write(os.path.basename(workdir) + '\\n')
     print('some library noise')
-    if flags['width_multiplier'] == 2.0:
+    if config.width_multiplier == 2.0:
       print('error: boom at step 3', file=sys.stderr)
       sys.exit(1)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(Config(**flags).to_json())
-    acc = 0.5 + 0.1 * flags['width_multiplier'] + 0.01 * flags['seed']
-    json.dump({{'test_accuracy': acc, 'test_loss': 1.0,
-               'best_val_accuracy': acc, 'num_params': 7, 'epochs': 1,
-               'train_seconds': 2.0, 'train_img_per_s': 50.0}},
-              open(os.path.join(workdir, 'results.json'), 'w'))
+      f.write(config.to_json())
+    seeds = range(config.seed, config.seed + config.num_models)
+    accs = [0.5 + 0.1 * config.width_multiplier + 0.01 * s for s in seeds]
+    results = {{'test_accuracy': accs[0], 'test_loss': 1.0,
+               'best_val_accuracy': accs[0], 'num_params': 7, 'epochs': 1,
+               'train_seconds': 2.0 * len(accs), 'train_img_per_s': 50.0}}
+    if len(accs) > 1:
+      results['test_accuracy'] = max(accs) + 0.005  # The averaged members.
+      results['members'] = [{{'seed': s, 'test_accuracy': a, 'test_loss': 1.0,
+                              'best_val_accuracy': a}}
+                            for s, a in zip(seeds, accs)]
+    json.dump(results, open(os.path.join(workdir, 'results.json'), 'w'))
 ''')
 
 
@@ -245,11 +267,10 @@ def fake_main(tmp_path, monkeypatch):
   """Runs a tiny script instead of training; returns the file of its calls."""
   calls = tmp_path / 'calls.txt'
   script = tmp_path / 'fake_main.py'
-  script.write_text(FAKE_MAIN.format(experiments=str(REPO / 'experiments'),
-                                     calls=str(calls)))
+  script.write_text(FAKE_MAIN.format(calls=str(calls)))
   monkeypatch.setattr(ablate.Run, 'command', lambda self: [
       sys.executable, str(script), f'--workdir={self.workdir}',
-      *ablate.to_argv(self.flags)])
+      *self.argv])
   return calls
 
 
@@ -257,7 +278,7 @@ def test_sweep_runs_in_parallel_reports_failures_and_resumes(
     capsys, tmp_path, fake_main):
   out_dir = tmp_path / 'out'
   args = ['--study=filters', '--quick', '--seeds=2', '--jobs=2',
-          f'--out={out_dir}']
+          '--separate_seeds', f'--out={out_dir}']
   code, out, _ = _main(capsys, *args)
   assert code == 1  # width2 fails, the sweep goes on.
   assert sorted(fake_main.read_text().split()) == sorted(
@@ -283,6 +304,26 @@ def test_sweep_runs_in_parallel_reports_failures_and_resumes(
                                                    'width2_seed1']
   assert '4 already finished, 2 to run' in out
   assert len(_csv(study_dir / 'results.csv')) == 6
+
+
+def test_seeds_of_a_variant_train_as_one_many_member_run(
+    capsys, tmp_path, fake_main):
+  out_dir = tmp_path / 'out'
+  code, out, _ = _main(capsys, '--study=filters', '--quick', '--seeds=3',
+                       '--variants=width0.5,width1', f'--out={out_dir}')
+  assert code == 0
+  assert fake_main.read_text().split() == ['width0.5', 'width1']  # 2 runs.
+  assert '2 variants x 3 seeds in 2 runs' in out
+  table = _csv(out_dir / 'filters' / 'results.csv')
+  assert [(r['variant'], r['seed']) for r in table] == [
+      (v, str(s)) for v in ('width0.5', 'width1') for s in range(3)]
+  row = table[4]  # width1, seed 1: its member's own figures...
+  assert float(row['test_accuracy']) == pytest.approx(0.61)
+  assert float(row['train_seconds']) == pytest.approx(2.0)  # 6 s / 3.
+  # ...and the accuracy of the three seeds' averaged probabilities.
+  assert float(row['ensemble_accuracy']) == pytest.approx(0.625)
+  md = (out_dir / 'filters' / 'results.md').read_text()
+  assert 'seeds averaged %' in md and '| 62.50 |' in md
 
 
 def test_finished_run_with_another_config_is_not_reused(

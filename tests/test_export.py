@@ -79,7 +79,9 @@ def test_signature(exported, trained_simple):
   with open(os.path.join(workdir, 'results.json')) as f:
     results = json.load(f)
   assert sig['input'] == {'name': 'images', 'shape': ['b', 28, 28, 1],
-                          'dtype': 'uint8'}
+                          'dtype': 'uint8', 'layout': 'NHWC',
+                          'value_range': [0, 255],
+                          'normalization': 'x / 255 (float32 in [0, 1])'}
   assert sig['output']['shape'] == ['b', info.num_classes]
   assert sig['class_names'] == list(info.class_names)
   assert sig['model'] == 'simple_cnn' and sig['dataset'] == 'mnist'

@@ -1,0 +1,138 @@
+"""``--mode=ensemble``: combine trained runs into one ensemble workdir.
+
+``python -m cnn_jax.main --mode=ensemble --workdir=OUT --members=RUN1,RUN2``
+copies each member's best checkpoint (with its config and dataset info)
+into ``OUT/members/<i>/``, so the ensemble workdir is self-contained and
+portable like any run, writes ``OUT/config.json`` and ``OUT/dataset_info.json``
+and tests the ensemble: the members' softmax probabilities averaged, their
+majority vote, and each member alone. Members may be any models (and
+``--num_models`` runs, which count as all their members) trained on the same
+dataset. The validation split is scored too when every member held out the
+same one, so choices about the ensemble can be made without the test set.
+Eval, analyze, predict and export then take ``--workdir=OUT`` like a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Sequence
+
+from absl import logging
+
+from cnn_jax import evaluate, inference, input_pipeline
+from cnn_jax import workdir as workdir_lib
+from cnn_jax.checkpointing import Checkpointer
+from cnn_jax.config import Config, CnnJaxError, ENSEMBLE, validate
+
+MEMBERS_DIR = 'members'
+
+
+def _check_member(path: str, out: str) -> Config:
+  """A member's config, after checking it is a finished run to copy."""
+  if os.path.realpath(path) == os.path.realpath(out):
+    raise CnnJaxError(f'--workdir={out} is also a member; write the '
+                      'ensemble to a new folder')
+  if not os.path.isdir(path):
+    raise CnnJaxError(f'member {path} does not exist')
+  config = workdir_lib.load_config(path)
+  if config.members:
+    raise CnnJaxError(f'member {path} is itself an ensemble; list its '
+                      'members instead')
+  ckpt = Checkpointer(path, read_only=True)
+  try:
+    if not ckpt.has_best():
+      raise CnnJaxError(f'member {path} has no checkpoint (no '
+                        f'{ckpt.root}/best); train it first')
+  finally:
+    ckpt.close()
+  return config
+
+
+def _copy_member(path: str, dest: str) -> None:
+  """The files a member needs for inference: config, dataset info, results
+  and its best checkpoint."""
+  os.makedirs(dest)
+  for name in (workdir_lib.CONFIG, workdir_lib.DATASET_INFO,
+               workdir_lib.RESULTS):
+    if os.path.exists(os.path.join(path, name)):
+      shutil.copy2(os.path.join(path, name), dest)
+  shutil.copytree(os.path.join(path, 'checkpoints', 'best'),
+                  os.path.join(dest, 'checkpoints', 'best'))
+
+
+def build(config: Config, members: Sequence[str], out: str
+          ) -> dict[str, Any]:
+  """Writes the ensemble workdir ``out``; returns its ``results.json``.
+
+  ``config`` gives the data location and evaluation settings (``tta``,
+  ``eval_batch_size``, ``test_examples``).
+  """
+  members = [m.strip() for m in members if m.strip()]
+  if len(members) < 2:
+    raise CnnJaxError('--members needs at least two trained workdirs, '
+                      'separated by commas')
+  if os.path.exists(os.path.join(out, workdir_lib.CONFIG)):
+    raise CnnJaxError(f'--workdir={out} already holds a run or ensemble; '
+                      'use a new folder')
+  configs = [_check_member(m, out) for m in members]
+  infos = [workdir_lib.dataset_info(m, c) for m, c in zip(members, configs)]
+  for path, info in zip(members[1:], infos[1:]):
+    if info.name != infos[0].name:
+      raise CnnJaxError(f'member {path} was trained on {info.name}, '
+                        f'{members[0]} on {infos[0].name}: an ensemble needs '
+                        'one dataset')
+    inference.check_same_data(infos[0], info, f'member {path}')
+
+  staging = os.path.join(out, MEMBERS_DIR)
+  try:
+    os.makedirs(out, exist_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    for i, path in enumerate(members):
+      _copy_member(path, os.path.join(staging, str(i)))
+  except OSError as e:
+    raise CnnJaxError(f'cannot write the ensemble to {out}: '
+                      f'{e.strerror or e}') from e
+  first = configs[0]
+  ensemble_config = validate(config.replace(
+      model=ENSEMBLE, dataset=first.dataset,
+      val_examples=first.val_examples, num_models=1,
+      members=','.join(f'{MEMBERS_DIR}/{i}' for i in range(len(members)))))
+  workdir_lib.write_json(os.path.join(out, workdir_lib.CONFIG),
+                         json.loads(ensemble_config.to_json()))
+  workdir_lib.write_dataset_info(out, infos[0])
+
+  ens = inference.load(out, ensemble_config)
+  same_val = len({c.val_examples for c in configs}) == 1
+  data = input_pipeline.load(ensemble_config, splits=(
+      ('val', 'test') if same_val else ('test',)))
+  evaluate.check_compatible(ens.info, data.info)
+  results = evaluate.score(ens, data.test.images, data.test.labels)
+  if same_val:
+    results.update(evaluate.score(ens, data.val.images, data.val.labels,
+                                  prefix='val'))
+  accuracies = results.pop('member_test_accuracy')
+  results.pop('tta_member_test_accuracy', None)
+  results.pop('member_val_accuracy', None)
+  results.pop('tta_member_val_accuracy', None)
+  results.update(
+      model=ENSEMBLE, dataset=ens.info.name, test_examples=len(data.test),
+      num_members=ens.num_members,
+      members=[{'workdir': path, 'copy': f'{MEMBERS_DIR}/{i}',
+                'model': c.model, 'num_models': c.num_models,
+                'seeds': [c.seed + k for k in range(c.num_models)]}
+               for i, (path, c) in enumerate(zip(members, configs))])
+  # Each network's own test accuracy, in member order.
+  networks = ens.members
+  for entry in results['members']:
+    entry['test_accuracy'] = [
+        a for a, n in zip(accuracies, networks)
+        if n.workdir == os.path.join(out, entry['copy'])]
+    if len(entry['test_accuracy']) == 1:
+      entry['test_accuracy'] = entry['test_accuracy'][0]
+  workdir_lib.write_json(os.path.join(out, workdir_lib.RESULTS), results)
+  logging.info('ensemble of %d members: test accuracy %.2f%% (vote %.2f%%)',
+               ens.num_members, 100 * results['test_accuracy'],
+               100 * results['vote_accuracy'])
+  return results
