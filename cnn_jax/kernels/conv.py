@@ -18,7 +18,8 @@ computes the same values by one of:
   output gradient with the flipped kernel for the input gradient; the kernel
   gradient is one matmul of kw width-shifted copies of the input with kh
   height-shifted copies of the output gradient (3 + 3 copies where im2col
-  makes 9), all in a custom VJP;
+  makes 9), all in a custom VJP (its convolutions run member by member
+  under `jax.vmap`, where XLA:CPU's grouped convolutions are slow);
 * ``auto`` (the default) picks per layer from its shape: ``im2col_t`` for few
   input channels, ``hybrid`` for large outputs, ``im2col`` otherwise.
 
@@ -32,7 +33,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
+from jax import custom_batching, lax
 
 IMPLS = ('im2col', 'im2col_t', 'hybrid', 'auto')
 # 'auto': 'im2col_t' up to this many input channels; 'hybrid' from this many
@@ -65,6 +66,30 @@ def _shifted_views(x: jax.Array, kh: int, kw: int) -> list[jax.Array]:
   return [x[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)]
 
 
+def _per_member(f):
+  """``f(x, kernel)``, batched by `jax.vmap` one member at a time.
+
+  Under `jax.vmap` over both operands (the members of a ``--num_models``
+  run), XLA's convolution becomes a grouped convolution, which XLA:CPU runs
+  several times slower than the members' convolutions one after another.
+  A batched input alone folds into the image batch.
+  """
+  g = custom_batching.custom_vmap(f)
+
+  @g.def_vmap
+  def rule(axis_size, in_batched, x, kernel):
+    x_batched, kernel_batched = in_batched
+    if kernel_batched:
+      if not x_batched:
+        x = jnp.broadcast_to(x, (axis_size, *x.shape))
+      return lax.map(lambda a: f(*a), (x, kernel)), True
+    y = f(x.reshape(-1, *x.shape[2:]), kernel)
+    return y.reshape(axis_size, -1, *y.shape[1:]), True
+
+  return g
+
+
+@_per_member
 def _xla_valid_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   # XLA:CPU hands an unpadded convolution to YNNPACK, which runs it several
   # times slower in a training step than the same convolution with one row
@@ -74,6 +99,7 @@ def _xla_valid_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return y[:, 1:]
 
 
+@_per_member
 def _input_grad(g: jax.Array, kernel: jax.Array) -> jax.Array:
   """Gradient of a VALID convolution wrt its input, as a convolution.
 
