@@ -114,9 +114,9 @@ def restore(workdir: str, config: Config | None = None,
     info = workdir_lib.dataset_info(workdir, config)
     model = registry.create_model(config, info.num_classes, training=False)
     sharding = NamedSharding(mesh or data_mesh(), P())
-    target = jax.device_put(
-        models.init_variables(model, jax.random.PRNGKey(0), info.image_shape),
-        sharding)
+    target = jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+        models.abstract_variables(model, info.image_shape))
     variables, meta = ckpt.restore_best(target)
   finally:
     ckpt.close()
