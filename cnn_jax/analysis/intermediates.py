@@ -133,15 +133,6 @@ def channel_peaks(model: nn.Module, variables: Any, images: np.ndarray,
   return result
 
 
-def channel_maxima(model: nn.Module, variables: Any, images: np.ndarray,
-                   layer: str, batch_size: int) -> np.ndarray:
-  """``[N, C]``: each image's spatial maximum of each channel of ``layer``.
-
-  ``images`` are uint8 NHWC; ``layer`` is a name returned by `capture`.
-  """
-  return channel_peaks(model, variables, images, [layer], batch_size)[layer][0]
-
-
 def conv_kernels(params: Any, order: list[str]) -> list[tuple[str, np.ndarray]]:
   """``(module path, HWIO kernel)`` of every 4-D kernel, in call order.
 
