@@ -177,7 +177,8 @@ def test_saliency_is_each_examples_own_input_gradient(deep_model):
 # The whole report -------------------------------------------------------------
 EXPECTED = ['index.html', 'summary.json', 'per_class.csv', 'per_class.json',
             'confusion_matrix.json', 'history.png', 'samples.png',
-            'confusion_matrix.png', 'confusion_errors.png', 'confused_pairs.png',
+            'confusion_matrix.png', 'confusion_errors.png',
+            'confused_pairs.png',
             'per_class.png', 'predictions_gallery.png', 'saliency.png',
             'calibration.png', 'filters_first_layer.png',
             'filters_deeper_norms.png', 'top_activations.png',
@@ -327,7 +328,8 @@ def test_analyze_simple_compared_with_deep(trained_simple, trained_deep,
   assert [fields[n] for n in ('conv1', 'conv2', 'conv3')] == [
       '3×3', '8×8', '18×18']
   lessons = doc.text['architecture-captions']
-  assert 'conv2 has 64 filters, each 3×3×32: its depth matches conv1’s 32' in lessons
+  assert ('conv2 has 64 filters, each 3×3×32: its depth matches conv1’s 32'
+          in lessons)
 
   # The example's lesson ends in the model's own decision.
   ex0 = doc.text['example-0-captions']

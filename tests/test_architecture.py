@@ -133,7 +133,8 @@ def test_padding_and_strides_follow_the_gradient():
 
 
 @pytest.mark.parametrize('padding, expected', [
-    ('VALID', (0, 0)), ('SAME', (1, 1)), (2, (2, 2)), (((1, 0), (0, 1)), (1, 0))])
+    ('VALID', (0, 0)), ('SAME', (1, 1)), (2, (2, 2)),
+    (((1, 0), (0, 1)), (1, 0))])
 def test_padding_offsets(padding, expected):
   assert architecture._padding_lo(padding, (8, 8), (8, 8), (1, 1),
                                   (3, 3)) == expected

@@ -207,18 +207,27 @@ def filter_to_decision(arch: Architecture, strip: Sequence[Stage],
                   'figures follow the same steps as above.'] + _decision(
                       probs, label, class_names)
   fits = (h, w) == (h_in - kh + 1, w_in - kw + 1)
+  if not fits:
+    why = '.'
+  elif (h_in, kh) == (w_in, kw):
+    why = f': {h_in} − {kh} + 1 = {h} positions per side'
+  else:
+    why = (f': {h_in} − {kh} + 1 = {h} rows and {w_in} − {kw} + 1 = {w} '
+           'columns')
+  if fits:
+    why += ', as the filter must fit inside the image.'
   out.append(f'Filter {channel} of {conv.name} ({kh}×{kw}×{cin} weights) '
              'responds most to this image. Sliding it over the '
-             f'{h_in}×{w_in} input gives one {h}×{w} feature map'
-             + (f': {h_in} − {kh} + 1 = {h} positions per side, as the '
-                'filter must fit inside the image.' if fits else '.'))
+             f'{h_in}×{w_in} input gives one {h}×{w} feature map{why}')
   prev = values[conv.name]
   for s in strip[1:]:
     v = values[s.name]
     if s.kind == 'ReLU':
       negative = float((prev < 0).mean())
+      share = (f'{pct(negative, 0)} of this map' if negative
+               else 'none in this map')
       out.append(f'{s.name}: ReLU sets the negative values to 0 '
-                 f'({pct(negative, 0)} of this map).')
+                 f'({share}).')
     elif s.kind == 'batch norm':
       out.append(f'{s.name} normalizes the map and applies channel '
                  f'{channel}’s learned scale and offset.')
@@ -378,8 +387,9 @@ def per_class(class_names: Sequence[str], recall: np.ndarray,
          f'to {pct(recall[hi])} for class {cls(class_names[hi])}.']
   below = [class_names[i] for i in np.flatnonzero(recall < overall)]
   if below:
+    verb = 'falls' if len(below) == 1 else 'fall'
     out.append(f'{plural(len(below), "class", "classes")} of '
-               f'{len(class_names)} fall below the overall accuracy, drawn '
+               f'{len(class_names)} {verb} below the overall accuracy, drawn '
                f'in red: {name_list(below)}.')
   else:
     out.append('No class is below the overall accuracy.')
@@ -424,7 +434,8 @@ def mistakes(cm: np.ndarray, class_names: Sequence[str],
                  f'({pct(top / wrong, 0)}).')
   wrong_conf = np.asarray(confidences)[~np.asarray(correct, bool)]
   sure = int((wrong_conf > CONFIDENT).sum())
-  out.append(f'{num(sure)} of the {plural(wrong, "mistake")} were made with '
+  verb = 'was' if sure == 1 else 'were'
+  out.append(f'{num(sure)} of the {plural(wrong, "mistake")} {verb} made with '
              f'more than {pct(CONFIDENT, 0)} confidence: sure and wrong. '
              'The gallery shows the most confident ones. Look at them: would '
              'you have given the same label?')

@@ -178,8 +178,9 @@ def analyze(config: Config, workdir: str,
                'figures': files.figures('data')},
       'arch': {'stages': _stage_rows(arch), 'lessons': inside['lessons'],
                'total': arch.num_params},
-      'examples': [{**ex, 'stage_figures': files.figures(f'fmaps_{ex["index"]}')}
-                   for ex in inside['examples']],
+      'examples': [
+          {**ex, 'stage_figures': files.figures(f'fmaps_{ex["index"]}')}
+          for ex in inside['examples']],
       'early_deep': {'captions': inside['early_deep'],
                      'figures': files.figures('early_deep')},
       'training': {'captions': captions.training(
