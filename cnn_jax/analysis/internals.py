@@ -82,7 +82,9 @@ def _lesson(files: ReportFiles, variables: Any, arch: Architecture,
   files.add(section, lesson_plots.filter_map_pool(
       image, weights, f'{conv.name} filter {channel}: {what}', panels,
       files.path(f'lesson_ex{index}_filter_map_pool.png')),
-            f'test #{index}: one filter, its feature map and pooling')
+            f'test #{index}: one filter and its feature map'
+            + (' through ' + ' and '.join(s.kind for s in strip[1:])
+               if len(strip) > 1 else ''))
   rows = []
   for s in _deeper(arch, strip[-1]):
     if s.name not in maps:
