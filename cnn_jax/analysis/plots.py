@@ -290,8 +290,7 @@ def confusion_errors(errors: np.ndarray, class_names: Sequence[str],
   ax = fig.subplots()
   top = float(errors.max()) or 1.0
   shown = np.ma.masked_where(np.eye(k, dtype=bool), errors)
-  cmap = matplotlib.colormaps['Reds'].copy()
-  cmap.set_bad('#dddddd')
+  cmap = matplotlib.colormaps['Reds'].with_extremes(bad='#dddddd')
   im = ax.imshow(shown, cmap=cmap, interpolation='nearest', vmin=0, vmax=top)
   fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label='mistakes')
   _matrix_axes(ax, class_names)
