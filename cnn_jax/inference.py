@@ -195,13 +195,12 @@ def restore(workdir: str, config: Config | None = None,
                         'first with --mode=train and the same --workdir')
     info = workdir_lib.dataset_info(workdir, config)
     model = registry.create_model(config, info.num_classes, training=False)
-    target = models.init_variables(model, jax.random.PRNGKey(0),
-                                   info.image_shape)
-    if config.num_models > 1:
-      target = jax.tree_util.tree_map(
-          lambda a: jnp.broadcast_to(a, (config.num_models, *a.shape)),
-          target)
-    target = jax.device_put(target, NamedSharding(mesh or data_mesh(), P()))
+    sharding = NamedSharding(mesh or data_mesh(), P())
+    lead = (config.num_models,) if config.num_models > 1 else ()
+    target = jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct((*lead, *s.shape), s.dtype,
+                                       sharding=sharding),
+        models.abstract_variables(model, info.image_shape))
     variables, meta = ckpt.restore_best(target)
   finally:
     ckpt.close()

@@ -3,7 +3,8 @@ r"""Command-line entry point: ``python -m cnn_jax.main --flagfile=...``.
 Modes:
   train    (default) train, checkpoint and test; resumes an existing workdir.
   eval     test the best checkpoint of --workdir.
-  analyze  plots and a report of the best checkpoint under workdir/analysis.
+  analyze  a report that explains the best checkpoint, in workdir/analysis
+           (--compare=OTHER_WORKDIR puts another run beside it).
   predict  classify image files given as arguments.
   export   write a serving artifact of the best params.
   ensemble combine trained runs (--members=RUN1,RUN2,...) into --workdir.
@@ -48,7 +49,10 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None,
                                    'This process\'s index (distributed).')
 _ANALYSIS_EXAMPLES = flags.DEFINE_list(
     'analysis_examples', ['0', '1', '2'],
-    'analyze: test-set indices whose feature maps are drawn.')
+    'analyze: test-set indices whose path through the model is drawn.')
+_COMPARE = flags.DEFINE_string(
+    'compare', None, 'analyze: the workdir of another run on the same '
+    'dataset, shown side by side with --workdir\'s run.')
 _TOP_K = flags.DEFINE_integer('top_k', 3, 'predict: classes shown per file.')
 _JSON = flags.DEFINE_bool('json', False, 'predict: one JSON object per line.')
 _SAVE_PREPROCESSED = flags.DEFINE_string(
@@ -114,7 +118,8 @@ def run(argv: Sequence[str]) -> int:
   if mode == 'analyze':
     from cnn_jax.analysis import report
     examples = [int(i) for i in _ANALYSIS_EXAMPLES.value]
-    path = report.analyze(config, workdir, examples=examples)
+    path = report.analyze(config, workdir, examples=examples,
+                          compare=_COMPARE.value)
     print(f'analysis written: {path}')
     return 0
   if mode == 'predict':

@@ -116,6 +116,19 @@ def init_variables(model: nn.Module, key: jax.Array,
   return dict(variables)
 
 
+def abstract_variables(model: nn.Module, image_shape: Sequence[int]
+                       ) -> dict[str, Any]:
+  """The shapes and dtypes of `init_variables`'s tree, without computing it.
+
+  Restoring a checkpoint only needs these; tracing is much cheaper than
+  compiling the random initializers.
+  """
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  return dict(jax.eval_shape(
+      lambda k, x: model.init({'params': k}, x, train=False), key, x))
+
+
 def count_params(params: Any) -> int:
   """Number of scalar parameters in a pytree."""
   return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import csv
+import html.parser
 import json
 import os
-import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +16,10 @@ from PIL import Image
 import pytest
 
 from cnn_jax import inference, input_pipeline
-from cnn_jax.analysis import intermediates, metrics, report
+from cnn_jax.analysis import captions, intermediates, metrics, page, report
 from cnn_jax.config import CnnJaxError
 
-from conftest import MOCK_EXAMPLES
+from conftest import MOCK_EXAMPLES, REPO
 
 @pytest.fixture(scope='module')
 def simple_model(trained_simple):
@@ -62,6 +63,14 @@ def test_confusion_and_per_class_by_hand():
                      'support': 3, 'predicted': 2, 'correct': 2}
   with pytest.raises(ValueError):
     metrics.confusion_matrix(labels, preds[:3], 4)
+  errors = metrics.errors_only(cm)
+  np.testing.assert_array_equal(np.diag(errors), 0)
+  assert errors.sum() == (labels != preds).sum() == 2
+  assert metrics.confused_pairs(cm, 5) == [(0, 1, 1), (2, 0, 1)]
+  assert metrics.confused_pairs(cm, 1) == [(0, 1, 1)]
+  probs = np.array([[0.5, 0.5], [0.25, 0.75]])
+  assert metrics.nll(probs, np.array([0, 1])) == pytest.approx(
+      -(np.log(0.5) + np.log(0.75)) / 2)
 
 
 def test_calibration_by_hand():
@@ -168,9 +177,56 @@ def test_saliency_is_each_examples_own_input_gradient(deep_model):
 # The whole report -------------------------------------------------------------
 EXPECTED = ['index.html', 'summary.json', 'per_class.csv', 'per_class.json',
             'confusion_matrix.json', 'history.png', 'samples.png',
-            'confusion_matrix.png', 'per_class.png', 'predictions_gallery.png',
-            'saliency.png', 'calibration.png', 'filters_first_layer.png',
-            'filters_deeper_norms.png', 'top_activations.png']
+            'confusion_matrix.png', 'confusion_errors.png',
+            'confused_pairs.png',
+            'per_class.png', 'predictions_gallery.png', 'saliency.png',
+            'calibration.png', 'filters_first_layer.png',
+            'filters_deeper_norms.png', 'top_activations.png',
+            'receptive_fields.png', 'compare.json', 'compare_per_class.png',
+            'compare_disagreements.png']
+VOID = {'img', 'meta', 'br', 'link', 'input', 'hr'}
+
+
+class _Page(html.parser.HTMLParser):
+  """What the tests read from index.html: element ids, link targets, the
+  text inside each element with an id, layer-table rows, red cells."""
+
+  def __init__(self, path: str):
+    super().__init__()
+    self.ids: list[str] = []
+    self.links: list[str] = []
+    self.text: dict[str, str] = {}
+    self.stages: list[dict[str, str]] = []
+    self.low: list[str] = []
+    self._open: list[tuple[str, str | None, bool]] = []
+    with open(path, encoding='utf-8') as f:
+      self.feed(f.read())
+    self.close()
+    assert not self._open, f'unclosed elements: {self._open}'
+
+  def handle_starttag(self, tag, attrs):
+    a = dict(attrs)
+    if 'id' in a:
+      self.ids.append(a['id'])
+    if tag == 'img':
+      self.links.append(a['src'])
+    if tag == 'a' and not a['href'].startswith('#'):
+      self.links.append(a['href'])
+    if tag == 'tr' and 'data-stage' in a:
+      self.stages.append(a)
+    if tag not in VOID:
+      self._open.append((tag, a.get('id'), a.get('class') == 'low'))
+
+  def handle_endtag(self, tag):
+    if tag not in VOID:
+      assert self._open.pop()[0] == tag, tag
+
+  def handle_data(self, data):
+    for _, elem_id, _ in self._open:
+      if elem_id:
+        self.text[elem_id] = self.text.get(elem_id, '') + data
+    if self._open and self._open[-1][2]:
+      self.low.append(data)
 
 
 def _check_pngs(out: str, names: list[str]) -> None:
@@ -181,7 +237,28 @@ def _check_pngs(out: str, names: list[str]) -> None:
     assert pixels.std() > 0, f'{name} is blank'
 
 
-def test_analyze_simple_writes_a_consistent_report(trained_simple, mock_tfds):
+def _check_links(out: str, doc: _Page) -> None:
+  """Every image and link of the page is a file inside the folder."""
+  root = os.path.realpath(out)
+  assert doc.links
+  for link in doc.links:
+    assert '://' not in link and not link.startswith('/'), link
+    target = os.path.realpath(os.path.join(out, link))
+    assert target.startswith(root + os.sep) and os.path.isfile(target), link
+
+
+def _predictions(workdir: str, images: np.ndarray) -> np.ndarray:
+  restored = inference.restore(workdir)
+  return np.asarray(restored.predictor().logits(restored.variables,
+                                                images)).argmax(-1)
+
+
+def _indices(text: str) -> list[int]:
+  return [int(i) for i in text.replace('#', ' ').replace(',', ' ').split()]
+
+
+def test_analyze_simple_compared_with_deep(trained_simple, trained_deep,
+                                           mock_tfds):
   config, workdir = trained_simple
   out = os.path.join(workdir, 'analysis')
   os.makedirs(out, exist_ok=True)
@@ -191,66 +268,158 @@ def test_analyze_simple_writes_a_consistent_report(trained_simple, mock_tfds):
       f.write('x')
   with open(os.path.join(out, 'summary.json'), 'w') as f:
     json.dump({'files': ['fmap_ex9_01_old.png']}, f)
-  path = report.analyze(config, workdir, examples=(0, 3))
+  path = report.analyze(config, workdir, examples=(0, 3),
+                        compare=trained_deep[1])
   assert not os.path.exists(os.path.join(out, 'fmap_ex9_01_old.png'))
   assert os.path.exists(os.path.join(out, 'notes.txt'))
   assert path == os.path.join(out, 'index.html')
-  for name in EXPECTED:
-    assert os.path.isfile(os.path.join(out, name)), name
   with open(os.path.join(out, 'summary.json')) as f:
     summary = json.load(f)
+  assert set(EXPECTED) <= set(summary['files'])
+  for name in summary['files']:
+    assert os.path.isfile(os.path.join(out, name)), name
   layers = summary['feature_map_layers']
   fmaps = [f for f in summary['files'] if f.startswith('fmap_')]
   assert len(fmaps) == 2 * (len(layers) + 1)  # Input + each stage, 2 examples.
   assert 'fmap_ex3_03_pool1.png' in fmaps
   pngs = [f for f in summary['files'] if f.endswith('.png')]
-  assert set(EXPECTED) <= set(summary['files'])
   _check_pngs(out, pngs)
-  with open(path) as f:
-    page = f.read()
-  assert set(re.findall(r'<img src="([^"]+)"', page)) == set(pngs)
 
-  # Headline numbers: the same best params and test data as the run's own
-  # final evaluation, and a trained model's parameter count.
+  # The page: well formed, every section, every image and link in the folder.
+  doc = _Page(path)
+  assert summary['sections'] == list(page.section_ids(True))
+  assert set(summary['sections']) <= set(doc.ids)
+  assert len(doc.ids) == len(set(doc.ids))
+  assert [s for s in doc.ids if s in summary['sections']] == summary['sections']
+  _check_links(out, doc)
+  assert set(pngs) <= set(doc.links)
+
+  # Headline numbers: the run's own final evaluation of the same params.
   with open(os.path.join(workdir, 'results.json')) as f:
     results = json.load(f)
+  labels = input_pipeline.load(config, splits=('test',)).test.labels
+  images = input_pipeline.load(config, splits=('test',)).test.images
   assert summary['test_examples'] == MOCK_EXAMPLES
   assert summary['test_accuracy'] == pytest.approx(results['test_accuracy'])
   assert summary['test_loss'] == pytest.approx(results['test_loss'], rel=1e-4)
   assert summary['num_params'] == results['num_params']
   assert summary['best_epoch'] == results['best_epoch']
   assert 0 <= summary['ece'] <= 1
-  assert f"{100 * summary['test_accuracy']:.2f}%" in page
+  right = round(summary['test_accuracy'] * MOCK_EXAMPLES)
+  assert summary['mistakes'] == MOCK_EXAMPLES - right
+  assert (f'classifies {right} of the {MOCK_EXAMPLES} mnist test images '
+          f'correctly: {captions.pct(summary["test_accuracy"])}, with '
+          f'{summary["mistakes"]} mistakes') in doc.text['summary-captions']
 
+  # Training captions read the history.
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    history = [json.loads(line) for line in f]
+  training = doc.text['training-captions']
+  assert f'Training ran {len(history)} epochs' in training
+  assert (f'from {captions.pct(history[0]["val_accuracy"])} after epoch 1 to '
+          f'{captions.pct(history[-1]["val_accuracy"])}') in training
+  assert f'epoch {results["best_epoch"]} of {len(history)}' in training
+
+  # The layer table adds up, with SimpleCNN's receptive fields.
+  params = [int(r['data-params']) for r in doc.stages]
+  assert sum(params) == summary['num_params']
+  assert doc.text['total-params'].replace(',', '') == str(sum(params))
+  fields = {r['data-stage']: r['data-field'] for r in doc.stages}
+  assert [fields[n] for n in ('conv1', 'conv2', 'conv3')] == [
+      '3×3', '8×8', '18×18']
+  lessons = doc.text['architecture-captions']
+  assert ('conv2 has 64 filters, each 3×3×32: its depth matches conv1’s 32'
+          in lessons)
+
+  # The example's lesson ends in the model's own decision.
+  ex0 = doc.text['example-0-captions']
+  assert 'Test image #0 belongs to class' in ex0 and 'The decision:' in ex0
+
+  # Tables and the errors-only confusion matrix.
   with open(os.path.join(out, 'per_class.json')) as f:
     rows = json.load(f)
   with open(os.path.join(out, 'per_class.csv')) as f:
     csv_rows = list(csv.DictReader(f))
   with open(os.path.join(out, 'confusion_matrix.json')) as f:
-    cm = np.array(json.load(f)['counts'])
+    matrices = json.load(f)
+  cm, errors = np.array(matrices['counts']), np.array(matrices['errors_only'])
   assert [r['class_name'] for r in csv_rows] == [r['class_name'] for r in rows]
-  assert [int(r['support']) for r in csv_rows] == [r['support'] for r in rows]
   support = np.array([r['support'] for r in rows])
-  labels = input_pipeline.load(config, splits=('test',)).test.labels
   np.testing.assert_array_equal(cm.sum(axis=1), support)
   np.testing.assert_array_equal(support, np.bincount(labels, minlength=10))
-  recall = np.array([r['recall'] for r in rows])
-  assert (recall * support).sum() / support.sum() == pytest.approx(
-      summary['test_accuracy'])
   assert np.trace(cm) / cm.sum() == pytest.approx(summary['test_accuracy'])
+  np.testing.assert_array_equal(np.diag(errors), 0)
+  np.testing.assert_array_equal(errors + np.diag(np.diag(cm)), cm)
+  assert errors.sum() == summary['mistakes']
+  assert f'got {summary["mistakes"]} of {MOCK_EXAMPLES} test images wrong' in (
+      doc.text['mistakes-captions'])
+  # Red marks exactly the classes below the overall accuracy.
+  low = [captions.pct(r['recall']) for r in rows
+         if r['recall'] < summary['test_accuracy']]
+  assert doc.low[1:] == low  # The first red span is the legend's.
+  results_text = doc.text['results-captions']
+  if low:
+    assert f'{len(low)} class' in results_text
+  else:
+    assert 'No class is below' in results_text
+
+  # Side by side: the lists match the two runs' own predictions.
+  mine = _predictions(workdir, images)
+  theirs = _predictions(trained_deep[1], images)
+  a_only = np.flatnonzero((mine == labels) & (theirs != labels))
+  b_only = np.flatnonzero((theirs == labels) & (mine != labels))
+  assert _indices(doc.text['a-right-b-wrong']) == a_only.tolist()
+  assert _indices(doc.text['b-right-a-wrong']) == b_only.tolist()
+  with open(os.path.join(out, 'compare.json')) as f:
+    compared = json.load(f)
+  assert compared['a_right_b_wrong'] == a_only.tolist()
+  assert compared['both_wrong'] == np.flatnonzero(
+      (mine != labels) & (theirs != labels)).tolist()
+  assert (f'simple_cnn gets {len(a_only)} images right that deep_cnn gets '
+          f'wrong; deep_cnn gets {len(b_only)} right') in doc.text[
+              'compare-captions']
 
 
-def test_analyze_deep_cnn_draws_every_stage(trained_deep, mock_tfds):
-  config, workdir = trained_deep
-  report.analyze(config, workdir, examples=[5])
-  out = os.path.join(workdir, 'analysis')
+def test_analyze_deep_cnn_with_other_class_names(trained_deep, mock_tfds,
+                                                 tmp_path):
+  """Class names come from the run's dataset info, in every sentence."""
+  config, source = trained_deep
+  workdir = str(tmp_path / 'fashion_like')
+  shutil.copytree(source, workdir, ignore=shutil.ignore_patterns('analysis'))
+  info_path = os.path.join(workdir, 'dataset_info.json')
+  with open(info_path) as f:
+    info = json.load(f)
+  names = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
+           'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
+  info['class_names'] = names
+  with open(info_path, 'w') as f:
+    json.dump(info, f)
+  path = report.analyze(config, workdir, examples=[5])
+  out = os.path.dirname(path)
   with open(os.path.join(out, 'summary.json')) as f:
     summary = json.load(f)
   layers = summary['feature_map_layers']
   assert {'bn1_1', 'pool1', 'conv2_2_relu', 'pool2'} <= set(layers)
   fmaps = sorted(f for f in summary['files'] if f.startswith('fmap_ex5_'))
   assert len(fmaps) == len(layers) + 1
-  _check_pngs(out, fmaps + ['filters_deeper_norms.png'])
+  _check_pngs(out, fmaps + ['filters_deeper_norms.png',
+                            'lesson_ex5_filter_map_pool.png',
+                            'lesson_ex5_deeper.png', 'receptive_fields.png'])
+  doc = _Page(path)
+  assert summary['sections'] == list(page.section_ids(False))
+  assert 'compare' not in doc.ids
+  assert set(summary['sections']) <= set(doc.ids)
+  _check_links(out, doc)
+  with open(os.path.join(out, 'per_class.json')) as f:
+    assert [r['class_name'] for r in json.load(f)] == names
+  text = ' '.join(doc.text.values())
+  assert '“T-shirt/top”' in doc.text['data-captions']
+  assert 'digit' not in text.lower()
+  fields = {r['data-stage']: r['data-field'] for r in doc.stages}
+  assert fields['conv2_2'] == '14×14' and fields['pool2'] == '16×16'
+  assert sum(int(r['data-params']) for r in doc.stages) == summary['num_params']
+  assert 'The 3 dropout layers (rate 0.25)' in doc.text['architecture-captions']
+  assert 'Test image #5 belongs to class' in doc.text['example-5-captions']
 
 
 def test_analyze_without_checkpoint_raises(tmp_path, mock_tfds):
@@ -262,7 +431,36 @@ def test_analyze_without_checkpoint_raises(tmp_path, mock_tfds):
     report.analyze(config, str(tmp_path / 'missing'))
 
 
-def test_analyze_rejects_out_of_range_examples(trained_simple, mock_tfds):
+def test_analyze_rejects_bad_examples_and_compare(trained_simple, mock_tfds,
+                                                  tmp_path):
   config, workdir = trained_simple
   with pytest.raises(CnnJaxError, match='out of range'):
     report.analyze(config, workdir, examples=(0, MOCK_EXAMPLES))
+  with pytest.raises(CnnJaxError, match='--compare=.* does not exist'):
+    report.analyze(config, workdir, compare=str(tmp_path / 'nothing'))
+  with pytest.raises(CnnJaxError, match='--compare=.* holds no run'):
+    report.analyze(config, workdir, compare=str(tmp_path))
+  other = str(tmp_path / 'other')
+  shutil.copytree(workdir, other, ignore=shutil.ignore_patterns('analysis'))
+  info_path = os.path.join(other, 'dataset_info.json')
+  with open(info_path) as f:
+    info = json.load(f)
+  info.update(name='cifar10', image_shape=[32, 32, 3])
+  with open(info_path, 'w') as f:
+    json.dump(info, f)
+  with pytest.raises(CnnJaxError, match='same dataset'):
+    report.analyze(config, workdir, compare=other)
+
+
+def test_templates_ship_as_package_data():
+  """A non-editable install carries every template file."""
+  import fnmatch
+  import tomllib
+  with open(REPO / 'pyproject.toml', 'rb') as f:
+    data = tomllib.load(f)['tool']['setuptools']['package-data']
+  patterns = data['cnn_jax.analysis']
+  templates = REPO / 'cnn_jax' / 'analysis' / 'templates'
+  files = [f'templates/{p.name}' for p in templates.iterdir()]
+  assert page.TEMPLATE in [p.name for p in templates.iterdir()]
+  for name in files:
+    assert any(fnmatch.fnmatch(name, p) for p in patterns), name

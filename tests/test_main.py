@@ -87,6 +87,17 @@ def test_end_to_end_train_then_eval_on_mock_data(mock_tfds, tmp_path,
   assert evaluated['test_accuracy'] == results['test_accuracy']
 
 
+def test_analyze_compare_without_a_run_is_one_line(trained_simple, tmp_path):
+  missing = tmp_path / 'none'
+  result = _cli('--mode=analyze', f'--workdir={trained_simple[1]}',
+                f'--compare={missing}')
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'error: --compare={missing} does not exist; give the workdir of '
+      'another trained run')
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(real_tfds_dir() is None, reason='real MNIST not present')
 def test_trains_on_real_mnist_well_above_chance(tmp_path):

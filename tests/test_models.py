@@ -80,6 +80,14 @@ def test_deep_cnn_layers_and_batch_stats_update_only_in_train_mode():
   acts = _intermediates(model, variables, x)
   assert acts['pool1'].shape == (8, 12, 12, 32)
   assert acts['pool2'].shape == (8, 4, 4, 64)
+  # The abstract tree (what a checkpoint restores into) matches, untraced.
+  abstract = models.abstract_variables(model, (28, 28, 1))
+  assert jax.tree_util.tree_structure(abstract) == (
+      jax.tree_util.tree_structure(variables))
+  for a, v in zip(jax.tree_util.tree_leaves(abstract),
+                  jax.tree_util.tree_leaves(variables)):
+    assert isinstance(a, jax.ShapeDtypeStruct)
+    assert (a.shape, a.dtype) == (v.shape, v.dtype)
 
 
 def test_deep_cnn_dropout_is_off_in_eval_and_on_in_train():

@@ -9,7 +9,7 @@ all 4-D ``(N, H, W, C)`` intermediates in call order.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 from flax import traverse_util
 import flax.linen as nn
@@ -75,25 +75,62 @@ def capture(model: nn.Module, variables: Any, x: jax.Array
   return maps
 
 
-def channel_maxima(model: nn.Module, variables: Any, images: np.ndarray,
-                   layer: str, batch_size: int) -> np.ndarray:
-  """``[N, C]``: each image's spatial maximum of each channel of ``layer``.
+def capture_all(model: nn.Module, variables: Any, x: jax.Array
+                ) -> list[tuple[str, np.ndarray]]:
+  """Every intermediate of one eval-mode call, any rank, in call order.
 
-  ``images`` are uint8 NHWC; ``layer`` is a name returned by `capture`.
+  Unlike `capture` nothing is dropped (identity stages such as eval-mode
+  dropout stay), so the list shows every step the model takes. A Flax
+  method interceptor active around this call sees every module call, as
+  the call is traced here.
   """
+  names: list[str] = []
+
+  def run(variables: Any, x: jax.Array) -> list[jax.Array]:
+    named = _capture_raw(model, variables, x)
+    names[:] = [n for n, _ in named]
+    return [v.astype(jnp.float32) for _, v in named]
+
+  values = jax.jit(run)(variables, x)
+  return [(n, np.asarray(v)) for n, v in zip(names, values)]
+
+
+def channel_peaks(model: nn.Module, variables: Any, images: np.ndarray,
+                  layers: Sequence[str], batch_size: int
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """For each layer: ``([N, C] maxima, [N, C, 2] (row, col) of each max)``.
+
+  Each image's spatial maximum of each channel and where it is, so a
+  layer's strongest responses can be traced back to the input patch its
+  receptive field covers. ``images`` are uint8 NHWC; ``layers`` are names
+  returned by `capture`. One pass over the images serves every layer.
+  """
+  layers = list(dict.fromkeys(layers))
+
   @jax.jit
-  def maxima(variables: Any, batch: jax.Array) -> jax.Array:
-    x = input_pipeline.normalize(batch)
-    found = dict(_capture_raw(model, variables, x))
-    return found[layer].astype(jnp.float32).max(axis=(1, 2))
+  def peaks(variables: Any, batch: jax.Array) -> list[tuple[jax.Array, ...]]:
+    found = dict(_capture_raw(model, variables,
+                              input_pipeline.normalize(batch)))
+    out = []
+    for layer in layers:
+      v = found[layer].astype(jnp.float32)
+      flat = v.reshape(v.shape[0], -1, v.shape[-1])
+      out.append((flat.max(axis=1), flat.argmax(axis=1), v.shape[2]))
+    return [(m, a // w, a % w) for m, a, w in out]
 
   n = len(images)
   batch_size = min(batch_size, n)
   padded = np.concatenate(  # Whole batches: one compilation.
       [images, images[:(-n) % batch_size]]) if n % batch_size else images
-  out = [np.asarray(maxima(variables, padded[i:i + batch_size]))
-         for i in range(0, len(padded), batch_size)]
-  return np.concatenate(out)[:n]
+  parts = [jax.device_get(peaks(variables, padded[i:i + batch_size]))
+           for i in range(0, len(padded), batch_size)]
+  result = {}
+  for j, layer in enumerate(layers):
+    maxima = np.concatenate([p[j][0] for p in parts])[:n]
+    rows = np.concatenate([p[j][1] for p in parts])[:n]
+    cols = np.concatenate([p[j][2] for p in parts])[:n]
+    result[layer] = (maxima, np.stack([rows, cols], axis=-1))
+  return result
 
 
 def conv_kernels(params: Any, order: list[str]) -> list[tuple[str, np.ndarray]]:

@@ -31,6 +31,15 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
   return float(-log_probs[np.arange(len(labels)), labels].mean())
 
 
+def nll(probabilities: np.ndarray, labels: np.ndarray) -> float:
+  """Mean negative log-probability of the true class (cross-entropy of
+  probabilities, e.g. of an ensemble's averaged softmax)."""
+  p = np.asarray(probabilities, np.float64)
+  labels = np.asarray(labels)
+  chosen = p[np.arange(len(labels)), labels]
+  return float(-np.log(np.maximum(chosen, np.finfo(np.float64).tiny)).mean())
+
+
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray,
                      num_classes: int) -> np.ndarray:
   """``[K, K]`` int64 counts; row = true class, column = predicted class."""
@@ -48,6 +57,27 @@ def row_normalize(cm: np.ndarray) -> np.ndarray:
   rows = cm.sum(axis=1, keepdims=True).astype(np.float64)
   return np.divide(cm, rows, out=np.zeros(cm.shape, np.float64),
                    where=rows > 0)
+
+
+def errors_only(cm: np.ndarray) -> np.ndarray:
+  """The confusion matrix with its diagonal (the correct ones) set to 0.
+
+  At 99% accuracy the diagonal dwarfs everything else; what is left is
+  the mistakes, counted by (true class, predicted class).
+  """
+  out = np.array(cm, np.int64, copy=True)
+  np.fill_diagonal(out, 0)
+  return out
+
+
+def confused_pairs(cm: np.ndarray, k: int) -> list[tuple[int, int, int]]:
+  """The ``k`` most frequent mistakes as (true, predicted, count), most
+  frequent first (ties by class index); pairs never confused are left out."""
+  errors = errors_only(cm)
+  true, pred = np.nonzero(errors)
+  counts = errors[true, pred]
+  order = np.lexsort((pred, true, -counts))[:k]
+  return [(int(true[i]), int(pred[i]), int(counts[i])) for i in order]
 
 
 @dataclasses.dataclass(frozen=True)

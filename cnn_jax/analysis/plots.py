@@ -25,12 +25,12 @@ MISTAKE = '#c0392b'
 CORRECT = '#1e7b34'
 
 
-def _save(fig: Figure, path: str) -> str:
+def save(fig: Figure, path: str) -> str:
   fig.savefig(path, dpi=DPI, bbox_inches='tight', facecolor='white')
   return path
 
 
-def _show_image(ax: Any, image: np.ndarray) -> None:
+def show_image(ax: Any, image: np.ndarray) -> None:
   """Draws a uint8 HWC image (grayscale or RGB) without axes."""
   if image.shape[-1] == 1:
     ax.imshow(image[..., 0], cmap='gray', vmin=0, vmax=255,
@@ -73,7 +73,7 @@ def _montage_axes(ax: Any, n: int, cols: int, h: int, w: int,
     side.set_visible(False)
 
 
-def _value_norm(values: np.ndarray) -> tuple[str, mcolors.Normalize]:
+def value_norm(values: np.ndarray) -> tuple[str, mcolors.Normalize]:
   """Diverging colours around 0 for signed data, sequential otherwise."""
   lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
   if lo < 0:
@@ -83,26 +83,44 @@ def _value_norm(values: np.ndarray) -> tuple[str, mcolors.Normalize]:
 
 
 # Training --------------------------------------------------------------------
-def history(rows: Sequence[dict[str, Any]], path: str) -> str:
-  """Train/val loss and accuracy per epoch (from ``metrics.jsonl``)."""
-  fig = Figure(figsize=(11, 4))
+def history(rows: Sequence[dict[str, Any]], path: str,
+            best_epoch: int | None = None) -> str:
+  """Loss, accuracy and learning rate per epoch (from ``metrics.jsonl``),
+  with the epoch of the tested checkpoint marked."""
+  fig = Figure(figsize=(15, 4), constrained_layout=True)
   epochs = [r['epoch'] for r in rows]
-  for ax, key, label in zip(fig.subplots(1, 2), ('loss', 'accuracy'),
+  axes = fig.subplots(1, 3)
+  for ax, key, label in zip(axes, ('loss', 'accuracy'),
                             ('cross-entropy loss', 'accuracy')):
     for split, style in (('train', 'o-'), ('val', 's--')):
       values = [r.get(f'{split}_{key}') for r in rows]
       if key == 'accuracy':
         values = [None if v is None else 100 * v for v in values]
       ax.plot(epochs, values, style, label=split, markersize=6)
-    ax.set_xlabel('epoch')
     ax.set_ylabel(label + (' (%)' if key == 'accuracy' else ''))
     ax.set_title(f'{key} per epoch')
-    ax.set_xticks(epochs if len(epochs) <= 20 else ax.get_xticks())
+  rates = [r.get('learning_rate') for r in rows]
+  ax_lr = axes[2]
+  if any(v is not None for v in rates):
+    ax_lr.plot(epochs, rates, 'o-', color='#8c564b', markersize=6,
+               label='learning rate')
+    shown = [v for v in rates if v]
+    if shown and max(shown) / min(shown) > 100:
+      ax_lr.set_yscale('log')
+  ax_lr.set_ylabel('learning rate (end of epoch)')
+  ax_lr.set_title('learning rate per epoch')
+  for ax in axes:
+    ax.set_xlabel('epoch')
+    if epochs:
+      ax.set_xticks(epochs if len(epochs) <= 20 else ax.get_xticks())
+    if best_epoch in epochs:
+      ax.axvline(best_epoch, color='k', ls=':', lw=1,
+                 label=f'tested checkpoint (epoch {best_epoch})')
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
   if not rows:
     fig.suptitle('no metrics.jsonl rows found in the workdir')
-  return _save(fig, path)
+  return save(fig, path)
 
 
 # Data -------------------------------------------------------------------------
@@ -116,19 +134,19 @@ def samples(images: np.ndarray, labels: np.ndarray,
     if i >= len(images):
       ax.axis('off')
       continue
-    _show_image(ax, images[i])
+    show_image(ax, images[i])
     ax.set_title(f'#{i}: {class_names[labels[i]]}', fontsize=9)
   fig.suptitle(title)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def input_image(image: np.ndarray, title: str, path: str) -> str:
   """One input image, large, for the feature-map section."""
   fig = Figure(figsize=(2.6, 2.9))
   ax = fig.subplots()
-  _show_image(ax, image)
+  show_image(ax, image)
   ax.set_title(title, fontsize=9)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 # Feature maps and filters -----------------------------------------------------
@@ -141,7 +159,7 @@ def feature_map(fmap: np.ndarray, title: str, path: str) -> str:
   cols = min(c, 8 if c <= 64 else 16)
   tiles = np.moveaxis(fmap, -1, 0)
   rows = math.ceil(c / cols)
-  cmap, norm = _value_norm(tiles)
+  cmap, norm = value_norm(tiles)
   fig = Figure(figsize=(min(1.1 * cols + 1.8, 20), min(1.1 * rows + 1.2, 24)))
   ax = fig.subplots()
   im = ax.imshow(montage(tiles, cols), cmap=cmap, norm=norm,
@@ -150,7 +168,7 @@ def feature_map(fmap: np.ndarray, title: str, path: str) -> str:
   ax.set_ylabel('channel (row start)', fontsize=8)
   ax.set_title(title, fontsize=10)
   fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label='activation')
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def first_layer_filters(name: str, kernel: np.ndarray, path: str) -> str:
@@ -170,7 +188,7 @@ def first_layer_filters(name: str, kernel: np.ndarray, path: str) -> str:
   ax.set_title(f'{name}: {cout} first-layer {kh}x{kw} kernels{mean_note}',
                fontsize=10)
   fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label='weight')
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def kernel_norms(kernels: Sequence[tuple[str, np.ndarray]], path: str) -> str:
@@ -197,7 +215,7 @@ def kernel_norms(kernels: Sequence[tuple[str, np.ndarray]], path: str) -> str:
                      fontsize=10)
     ax_bar.set_xlim(-0.6, len(per_filter) - 0.4)
     ax_bar.grid(axis='y', alpha=0.3)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def top_activations(images: np.ndarray, maxima: np.ndarray, layer: str,
@@ -216,79 +234,108 @@ def top_activations(images: np.ndarray, maxima: np.ndarray, layer: str,
   for row, ch in zip(axes, channels):
     best = np.argsort(-maxima[:, ch], kind='stable')[:per_channel]
     for j, (ax, i) in enumerate(zip(row, best)):
-      _show_image(ax, images[i])
+      show_image(ax, images[i])
       ax.set_title(f'test #{i}\nmax {maxima[i, ch]:.2f}', fontsize=7)
       if j == 0:
         ax.set_ylabel(f'channel {ch}', fontsize=9)
   fig.suptitle(f'{layer}: test images with the highest activation, for the '
                f'{len(channels)} most active channels\n(of the first '
                f'{len(images)} test images)', fontsize=10)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 # Evaluation -------------------------------------------------------------------
+def _matrix_axes(ax: Any, class_names: Sequence[str]) -> None:
+  k = len(class_names)
+  ax.set_xticks(range(k))
+  ax.set_yticks(range(k))
+  ax.set_xticklabels(class_names, rotation=45 if k > 10 else 0,
+                     ha='right' if k > 10 else 'center')
+  ax.set_yticklabels(class_names)
+  ax.set_xlabel('predicted class')
+  ax.set_ylabel('true class')
+
+
+def _annotate(ax: Any, data: np.ndarray, top: float) -> None:
+  k = data.shape[0]
+  if k > 20:
+    return
+  for (i, j), v in np.ndenumerate(data):
+    if v:
+      ax.text(j, i, f'{int(v)}', ha='center', va='center',
+              fontsize=7 if k > 10 else 8,
+              color='white' if v > 0.6 * top else 'black')
+
+
 def confusion(cm: np.ndarray, class_names: Sequence[str], path: str) -> str:
-  """Confusion matrix as counts and row-normalized, with colour bars."""
+  """The confusion matrix as counts (rows: true class)."""
   k = len(class_names)
   size = max(5.0, 0.55 * k + 2)
-  fig = Figure(figsize=(2 * size + 1.5, size), constrained_layout=True)
-  normed = metrics.row_normalize(cm)
-  for ax, data, title, fmt, label in zip(
-      fig.subplots(1, 2), (cm, normed),
-      ('counts', 'row-normalized (recall on the diagonal)'),
-      ('{:d}', '{:.2f}'), ('examples', 'fraction of true class')):
-    im = ax.imshow(data, cmap='Blues', interpolation='nearest',
-                   vmin=0, vmax=1 if data is normed else None)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label=label)
-    ax.set_xticks(range(k))
-    ax.set_yticks(range(k))
-    ax.set_xticklabels(class_names, rotation=45 if k > 10 else 0,
-                       ha='right' if k > 10 else 'center')
-    ax.set_yticklabels(class_names)
-    ax.set_xlabel('predicted class')
-    ax.set_ylabel('true class')
-    ax.set_title(f'confusion matrix: {title}')
-    if k <= 20:
-      top = float(data.max()) or 1.0
-      for (i, j), v in np.ndenumerate(data):
-        if v:
-          ax.text(j, i, fmt.format(v.item()), ha='center', va='center',
-                  fontsize=7 if k > 10 else 8,
-                  color='white' if v > 0.6 * top else 'black')
-  return _save(fig, path)
+  fig = Figure(figsize=(size + 1.5, size), constrained_layout=True)
+  ax = fig.subplots()
+  im = ax.imshow(cm, cmap='Blues', interpolation='nearest', vmin=0)
+  fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label='test images')
+  _matrix_axes(ax, class_names)
+  _annotate(ax, cm, float(cm.max()) or 1.0)
+  ax.set_title(f'confusion matrix: counts ({int(cm.sum()):,} test images)')
+  return save(fig, path)
+
+
+def confusion_errors(errors: np.ndarray, class_names: Sequence[str],
+                     path: str) -> str:
+  """Mistakes only: the confusion counts with the diagonal removed (grey)."""
+  k = len(class_names)
+  size = max(5.0, 0.55 * k + 2)
+  fig = Figure(figsize=(size + 1.5, size), constrained_layout=True)
+  ax = fig.subplots()
+  top = float(errors.max()) or 1.0
+  shown = np.ma.masked_where(np.eye(k, dtype=bool), errors)
+  cmap = matplotlib.colormaps['Reds'].with_extremes(bad='#dddddd')
+  im = ax.imshow(shown, cmap=cmap, interpolation='nearest', vmin=0, vmax=top)
+  fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label='mistakes')
+  _matrix_axes(ax, class_names)
+  _annotate(ax, errors, top)
+  ax.set_title(f'mistakes only: {int(errors.sum()):,} test images '
+               '(diagonal removed)')
+  return save(fig, path)
 
 
 def per_class(scores: metrics.PerClass, class_names: Sequence[str],
               overall: float, path: str) -> str:
-  """Per-class precision / recall (= class accuracy) / F1 as grouped bars."""
+  """Per-class precision / recall (= class accuracy) / F1 as grouped bars;
+  recall bars of classes below the overall accuracy are red."""
   k = len(class_names)
   x = np.arange(k)
   fig = Figure(figsize=(max(8.0, 0.8 * k + 2), 4.5))
   ax = fig.subplots()
   width = 0.27
-  for off, values, label, color in ((-width, scores.precision, 'precision',
-                                     '#8da0cb'),
-                                    (0.0, scores.recall,
-                                     'recall (class accuracy)', '#4c72b0'),
-                                    (width, scores.f1, 'F1', '#66c2a5')):
-    ax.bar(x + off, 100 * values, width, label=label, color=color)
+  low = scores.recall < overall
+  ax.bar(x - width, 100 * scores.precision, width, label='precision',
+         color='#8da0cb')
+  ax.bar(x, 100 * scores.recall, width, color=np.where(low, MISTAKE,
+                                                       '#4c72b0'))
+  ax.bar([], [], color='#4c72b0', label='recall (class accuracy)')
+  if low.any():
+    ax.bar([], [], color=MISTAKE, label='recall below overall accuracy')
+  ax.bar(x + width, 100 * scores.f1, width, label='F1', color='#66c2a5')
   for i, r in enumerate(scores.recall):
-    ax.text(i, 100 * r + 0.3, f'{100 * r:.1f}', ha='center', va='bottom',
-            fontsize=7)
+    ax.text(i, 100 * r, f'{100 * r:.1f}', ha='center', va='bottom',
+            fontsize=7, color=MISTAKE if low[i] else 'black')
   ax.axhline(100 * overall, color='k', ls=':', lw=1,
              label=f'overall accuracy {100 * overall:.2f}%')
-  shown = np.concatenate([scores.precision, scores.recall, scores.f1])
-  lo = max(0.0, 10 * math.floor(10 * float(shown.min()) - 0.5))
-  ax.set_ylim(lo, 105)
-  ax.set_yticks(np.arange(lo, 100.1, 10 if lo < 50 else 5))
+  shown = 100 * np.concatenate([scores.precision, scores.recall, scores.f1])
+  lo = max(0.0, math.floor(float(shown.min()) - 0.05 * (100 - shown.min())
+                           - 0.5))
+  ax.set_ylim(lo, 100 + 0.08 * (100 - lo))
   ax.set_xticks(x)
   ax.set_xticklabels(class_names, rotation=45 if k > 10 else 0)
   ax.set_xlabel('class')
   ax.set_ylabel('%')
-  ax.set_title('per-class precision, recall and F1 on the test set')
+  note = '' if low.any() else ' (no class below the overall accuracy)'
+  ax.set_title('per-class precision, recall and F1 on the test set' + note)
   ax.grid(axis='y', alpha=0.3)
   ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), fontsize=8)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def _border(ax: Any, color: str, width: float) -> None:
@@ -316,7 +363,7 @@ def gallery(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
     for ax in axes[len(idx):]:
       ax.axis('off')
     for ax, i in zip(axes, idx):
-      _show_image(ax, images[i])
+      show_image(ax, images[i])
       ax.set_title(f'#{i} pred {class_names[predictions[i]]} '
                    f'({100 * confidences[i]:.0f}%)\ntrue '
                    f'{class_names[labels[i]]}', fontsize=8, color=color)
@@ -324,7 +371,7 @@ def gallery(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
     sub.suptitle(heading, color=color, fontsize=11)
   if not sections:
     fig.suptitle('no test examples')
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def saliency(images: np.ndarray, maps: np.ndarray, labels: np.ndarray,
@@ -344,7 +391,7 @@ def saliency(images: np.ndarray, maps: np.ndarray, labels: np.ndarray,
     b, c = divmod(i, cols)
     ax_img, ax_sal = axes[2 * b, c], axes[2 * b + 1, c]
     ax_img.axis('on')
-    _show_image(ax_img, images[i])
+    show_image(ax_img, images[i])
     wrong = labels[i] != predictions[i]
     color = MISTAKE if wrong else CORRECT
     ax_img.set_title(f'pred {class_names[predictions[i]]} '
@@ -362,7 +409,7 @@ def saliency(images: np.ndarray, maps: np.ndarray, labels: np.ndarray,
                  label='|d logit(pred) / d pixel| (per-image max = 1)')
   fig.suptitle('saliency: input gradient of the predicted class logit '
                '(red titles = mistakes)', fontsize=11)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def calibration(cal: metrics.Calibration, path: str) -> str:
@@ -395,5 +442,5 @@ def calibration(cal: metrics.Calibration, path: str) -> str:
   ax_hist.set_xlabel('confidence (top-1 softmax probability)')
   ax_hist.set_ylabel('examples (log)')
   ax_hist.grid(alpha=0.3)
-  return _save(fig, path)
+  return save(fig, path)
 

@@ -1,68 +1,38 @@
-"""`analyze`: an HTML report on a run's best checkpoint, from its workdir.
+"""`analyze`: a report that teaches how a run's CNN works, from its workdir.
 
-It restores the best params (`inference.restore`), evaluates them on the test
-split, and writes under ``workdir/analysis/``: PNG figures (training history,
-samples, feature maps of every conv/BN/pool stage, filters, confusion matrix,
-per-class scores, predictions gallery, saliency, calibration),
-``per_class.csv``/``per_class.json``, ``summary.json`` and ``index.html``,
-which embeds every figure by relative path.
+It restores the best params (`inference.restore`), computes the test-set
+probabilities, and writes under ``workdir/analysis/`` one self-contained
+folder: ``index.html`` (rendered from a Jinja2 template by `page`), the PNG
+figures it shows, ``per_class.csv``/``per_class.json``,
+``confusion_matrix.json``, ``summary.json`` (and ``compare.json`` with
+``compare=``). The page reads top to bottom like a lesson (data,
+architecture, one filter's path to the decision, early vs deep layers,
+training, results, mistakes, another run side by side), then the reference.
+
+Two parts feed it: `evaluation` (test probabilities and labels only, so an
+ensemble's averaged probabilities plug in alike) and `internals` (the model
+and its variables); `captions` turns both into sentences.
 """
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import html
 import json
 import os
-import re
 from typing import Any, Sequence
 
 from absl import logging
-import jax.numpy as jnp
 import numpy as np
 
 from cnn_jax import evaluate as evaluate_lib
 from cnn_jax import inference, input_pipeline, models
 from cnn_jax import workdir as workdir_lib
-from cnn_jax.analysis import intermediates, metrics, plots
+from cnn_jax.analysis import (captions, compare as compare_lib, evaluation,
+                              internals, metrics, page, plots)
+from cnn_jax.analysis.files import ReportFiles, clean_previous
 from cnn_jax.config import Config, CnnJaxError
 
 NUM_SAMPLES = 32
-NUM_CORRECT, NUM_MISTAKES = 16, 16
 NUM_SALIENCY = 8  # Of each kind (correct / mistakes).
-TOP_ACTIVATION_IMAGES = 2000
-
-
-@dataclasses.dataclass(frozen=True)
-class Evaluation:
-  """Test-set predictions of the best params and the metrics derived."""
-
-  labels: np.ndarray
-  predictions: np.ndarray
-  confidences: np.ndarray
-  loss: float
-  cm: np.ndarray
-  scores: metrics.PerClass
-  calibration: metrics.Calibration
-
-  @property
-  def accuracy(self) -> float:
-    return metrics.accuracy(self.cm)
-
-
-def evaluate(logits: np.ndarray, labels: np.ndarray, num_classes: int
-             ) -> Evaluation:
-  """All test metrics from the logits of the whole split."""
-  probs = metrics.softmax(logits)
-  predictions = probs.argmax(-1)
-  confidences = probs.max(-1)
-  cm = metrics.confusion_matrix(labels, predictions, num_classes)
-  return Evaluation(
-      labels=labels, predictions=predictions, confidences=confidences,
-      loss=metrics.cross_entropy(logits, labels), cm=cm,
-      scores=metrics.per_class_metrics(cm),
-      calibration=metrics.calibration(confidences, predictions == labels))
 
 
 def _check_examples(examples: Sequence[int], n: int) -> list[int]:
@@ -73,237 +43,74 @@ def _check_examples(examples: Sequence[int], n: int) -> list[int]:
   return list(dict.fromkeys(int(i) for i in examples))
 
 
-def _slug(name: str) -> str:
-  return re.sub(r'[^A-Za-z0-9_.-]+', '_', name).strip('_') or 'layer'
+def _probabilities(restored: inference.Restored, images: np.ndarray
+                   ) -> np.ndarray:
+  """``[N, C]`` float64 softmax of a run's test logits."""
+  logits = restored.predictor().logits(restored.variables, images)
+  return metrics.softmax(np.asarray(logits))
 
 
-class _Files:
-  """Paths of written files, relative to the analysis dir, by section."""
-
-  def __init__(self, root: str):
-    self.root = root
-    self.sections: dict[str, list[tuple[str, str]]] = {}
-
-  def path(self, name: str) -> str:
-    return os.path.join(self.root, name)
-
-  def add(self, section: str, path: str, caption: str = '') -> None:
-    self.sections.setdefault(section, []).append(
-        (os.path.relpath(path, self.root), caption))
-
-  def all(self) -> list[str]:
-    return [f for items in self.sections.values() for f, _ in items]
-
-
-def _clean_previous(out_dir: str) -> None:
-  """Removes the files a previous analysis listed, so none goes stale."""
-  path = os.path.join(out_dir, 'summary.json')
-  if not os.path.exists(path):
-    return
+def _other_run(other: str, restored: inference.Restored) -> inference.Restored:
+  """The ``--compare`` run, checked to be on the same dataset."""
+  if not os.path.isdir(other):
+    raise CnnJaxError(f'--compare={other} does not exist; give the workdir '
+                      'of another trained run')
+  if not os.path.isfile(os.path.join(other, workdir_lib.CONFIG)):
+    raise CnnJaxError(f'--compare={other} holds no run (it has no '
+                      f'{workdir_lib.CONFIG})')
   try:
-    with open(path) as f:
-      old = json.load(f).get('files', [])
-  except (OSError, ValueError):
-    return
-  for name in old:
-    target = os.path.join(out_dir, os.path.basename(name))
-    if os.path.isfile(target):
-      os.remove(target)
+    other_config = workdir_lib.load_config(other)
+    compare_lib.check_same_dataset(
+        restored.info, workdir_lib.dataset_info(other, other_config), other)
+    return inference.restore(other, other_config)
+  except CnnJaxError as e:
+    if str(e).startswith('--compare='):
+      raise
+    raise CnnJaxError(f'--compare={other}: {e}') from e
 
 
-def _feature_maps(model: Any, variables: Any, test: input_pipeline.Split,
-                  class_names: Sequence[str], ev: Evaluation,
-                  examples: list[int], files: _Files
-                  ) -> list[intermediates.FeatureMap]:
-  """Input + every 4-D stage of each chosen example; returns the capture."""
-  if not examples:
-    return intermediates.capture(model, variables, input_pipeline.normalize(
-        jnp.asarray(test.images[:1])))
-  x = input_pipeline.normalize(jnp.asarray(test.images[examples]))
-  maps = intermediates.capture(model, variables, x)
-  for row, idx in enumerate(examples):
-    section = f'fmaps_{idx}'
-    label = class_names[ev.labels[idx]]
-    pred = class_names[ev.predictions[idx]]
-    files.add(section, plots.input_image(
-        test.images[idx], f'test #{idx}: label {label}\npredicted {pred} '
-        f'({100 * ev.confidences[idx]:.0f}%)',
-        files.path(f'fmap_ex{idx}_00_input.png')), 'input')
-    for i, fm in enumerate(maps, start=1):
-      h, w, c = fm.value.shape[1:]
-      title = (f'{fm.name} | test #{idx} (label {label}) | '
-               f'{h}x{w}x{c}, one tile per channel')
-      files.add(section, plots.feature_map(
-          fm.value[row], title,
-          files.path(f'fmap_ex{idx}_{i:02d}_{_slug(fm.name)}.png')),
-                f'{fm.name} ({h}x{w}x{c})')
-  return maps
+def _run(label: str, workdir: str, restored: inference.Restored,
+         ev: evaluation.Evaluation) -> compare_lib.Run:
+  history = workdir_lib.read_history(workdir)
+  return compare_lib.Run(
+      label=label, workdir=workdir,
+      num_params=models.count_params(restored.variables['params']),
+      best_epoch=int(restored.meta.get('epoch', -1)),
+      epochs=len(history) or restored.config.epochs, ev=ev)
 
 
-def _filters(model: Any, variables: Any, test: input_pipeline.Split,
-             maps: list[intermediates.FeatureMap], config: Config,
-             files: _Files) -> None:
-  kernels = intermediates.conv_kernels(variables['params'],
-                                       [m.name for m in maps])
-  if kernels:
-    name, k = kernels[0]
-    files.add('filters', plots.first_layer_filters(
-        name, k, files.path('filters_first_layer.png')),
-              f'{name}: first-layer kernels')
-  if len(kernels) > 1:
-    files.add('filters', plots.kernel_norms(
-        kernels[1:], files.path('filters_deeper_norms.png')),
-              'deeper conv layers: kernel L2 norms')
-  if maps:
-    layer = maps[-1].name
-    images = test.images[:TOP_ACTIVATION_IMAGES]
-    maxima = intermediates.channel_maxima(
-        model, variables, images, layer, min(config.eval_batch_size, 500))
-    files.add('filters', plots.top_activations(
-        images, maxima, layer, files.path('top_activations.png')),
-              f'{layer}: maximally activating test images')
+def _headline_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+  return [('model', summary['model']), ('dataset', summary['dataset']),
+          ('test accuracy', captions.pct(summary['test_accuracy'])),
+          ('test mistakes', f"{summary['mistakes']:,} of "
+                            f"{summary['test_examples']:,}"),
+          ('test loss', f"{summary['test_loss']:.4f}"),
+          ('parameters', f"{summary['num_params']:,}"),
+          ('tested checkpoint', f"epoch {summary['best_epoch']} of "
+                                f"{summary['epochs_trained']}"),
+          ('its validation accuracy', captions.pct(summary['val_accuracy'])),
+          ('expected calibration error', captions.pct(summary['ece']))]
 
 
-def _evaluation_figures(model: Any, variables: Any,
-                        test: input_pipeline.Split,
-                        class_names: Sequence[str], ev: Evaluation,
-                        files: _Files) -> None:
-  files.add('confusion', plots.confusion(
-      ev.cm, class_names, files.path('confusion_matrix.png')))
-  files.add('per_class', plots.per_class(
-      ev.scores, class_names, ev.accuracy, files.path('per_class.png')))
-  right, wrong = metrics.gallery_indices(ev.labels, ev.predictions,
-                                         ev.confidences, NUM_CORRECT,
-                                         NUM_MISTAKES)
-  files.add('gallery', plots.gallery(
-      test.images, ev.labels, ev.predictions, ev.confidences, class_names,
-      right, wrong, files.path('predictions_gallery.png')))
-  chosen = np.concatenate([right[:NUM_SALIENCY], wrong[:NUM_SALIENCY]])
-  if len(chosen):
-    x = input_pipeline.normalize(jnp.asarray(test.images[chosen]))
-    sal = intermediates.saliency(model, variables, x, ev.predictions[chosen])
-    files.add('saliency', plots.saliency(
-        test.images[chosen], sal, ev.labels[chosen], ev.predictions[chosen],
-        ev.confidences[chosen], class_names, files.path('saliency.png')))
-  files.add('calibration', plots.calibration(
-      ev.calibration, files.path('calibration.png')))
-
-
-def _write_tables(rows: list[dict[str, Any]], cm: np.ndarray,
-                  class_names: Sequence[str], files: _Files) -> None:
-  """per_class.{json,csv} and confusion_matrix.json (rows = true class)."""
-  with open(files.path('confusion_matrix.json'), 'w') as f:
-    json.dump({'class_names': list(class_names), 'rows': 'true class',
-               'columns': 'predicted class', 'counts': cm.tolist()}, f)
-  files.add('tables', files.path('confusion_matrix.json'))
-  with open(files.path('per_class.json'), 'w') as f:
-    json.dump(rows, f, indent=2)
-  with open(files.path('per_class.csv'), 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-  files.add('tables', files.path('per_class.json'))
-  files.add('tables', files.path('per_class.csv'))
-
-
-# HTML -------------------------------------------------------------------------
-_CSS = """
-body{font-family:sans-serif;margin:24px;max-width:1400px;color:#222}
-h1{margin-bottom:4px} h2{border-bottom:1px solid #ccc;padding-bottom:4px}
-table{border-collapse:collapse;margin:8px 0}
-td,th{border:1px solid #ccc;padding:3px 10px;text-align:right}
-th{background:#f2f2f2} td.l,th.l{text-align:left}
-img{max-width:100%;margin:4px 0} figure{display:inline-block;margin:6px;
-vertical-align:top} figcaption{font-size:12px;color:#555}
-.low{color:#c0392b;font-weight:bold}
-"""
-
-
-def _img(path: str, caption: str = '') -> str:
-  cap = f'<figcaption>{html.escape(caption)}</figcaption>' if caption else ''
-  return (f'<figure><img src="{html.escape(path)}" alt="'
-          f'{html.escape(caption or path)}" loading="lazy">{cap}</figure>')
-
-
-def _section(files: _Files, key: str) -> str:
-  return ''.join(_img(p, c) for p, c in files.sections.get(key, []))
-
-
-def _headline_table(summary: dict[str, Any]) -> str:
-  shown = [('model', summary['model']), ('dataset', summary['dataset']),
-           ('test accuracy', f"{100 * summary['test_accuracy']:.2f}%"),
-           ('test loss', f"{summary['test_loss']:.4f}"),
-           ('test examples', f"{summary['test_examples']:,}"),
-           ('parameters', f"{summary['num_params']:,}"),
-           ('best epoch', summary['best_epoch']),
-           ('val accuracy (best epoch)',
-            f"{100 * summary['val_accuracy']:.2f}%"),
-           ('expected calibration error', f"{100 * summary['ece']:.2f}%"),
-           ('epochs trained', summary['epochs_trained'])]
-  body = ''.join(f'<tr><th class="l">{html.escape(k)}</th>'
-                 f'<td>{html.escape(str(v))}</td></tr>' for k, v in shown)
-  return f'<table>{body}</table>'
-
-
-def _per_class_table(rows: list[dict[str, Any]], accuracy: float) -> str:
-  head = ('<tr><th class="l">class</th><th>precision</th><th>recall '
-          '(accuracy)</th><th>F1</th><th>support</th><th>predicted</th></tr>')
-  body = []
-  for r in rows:
-    low = ' class="low"' if r['recall'] < accuracy else ''
-    body.append(
-        f'<tr><td class="l">{html.escape(r["class_name"])}</td>'
-        f'<td>{100 * r["precision"]:.2f}%</td>'
-        f'<td{low}>{100 * r["recall"]:.2f}%</td>'
-        f'<td>{100 * r["f1"]:.2f}%</td><td>{r["support"]}</td>'
-        f'<td>{r["predicted"]}</td></tr>')
-  return f'<table>{head}{"".join(body)}</table>'
-
-
-def _write_html(summary: dict[str, Any], rows: list[dict[str, Any]],
-                files: _Files, examples: list[int], path: str) -> None:
-  fmap_sections = ''.join(
-      f'<h3>test example #{i}</h3>{_section(files, f"fmaps_{i}")}'
-      for i in examples) or '<p>No examples chosen (--analysis_examples).</p>'
-  title = f"{summary['model']} on {summary['dataset']}"
-  parts = [
-      f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>'
-      f'{html.escape(title)}: analysis</title><style>{_CSS}</style></head>'
-      f'<body><h1>{html.escape(title)}</h1>'
-      f'<p>Best checkpoint of <code>{html.escape(summary["workdir"])}</code>'
-      f', evaluated on the test split.</p>',
-      _headline_table(summary),
-      '<h2>Training history</h2>', _section(files, 'history'),
-      '<h2>Sample test images</h2>', _section(files, 'samples'),
-      '<h2>Confusion matrix</h2>', _section(files, 'confusion'),
-      '<h2>Per-class accuracy</h2>', _section(files, 'per_class'),
-      '<p>Recall is the per-class accuracy; red marks classes below the '
-      'overall accuracy. Also as <a href="per_class.csv">per_class.csv</a> '
-      'and <a href="per_class.json">per_class.json</a>; the confusion '
-      'matrix as <a href="confusion_matrix.json">confusion_matrix.json</a>.'
-      '</p>',
-      _per_class_table(rows, summary['test_accuracy']),
-      '<h2>Predictions gallery</h2>', _section(files, 'gallery'),
-      '<h2>Saliency</h2>', _section(files, 'saliency'),
-      '<h2>Calibration</h2>', _section(files, 'calibration'),
-      '<h2>Filters</h2>', _section(files, 'filters'),
-      '<h2>Feature maps</h2><p>Every 4-D stage the model computes (conv '
-      'outputs, batch norm, ReLU, pooling), in call order, captured with '
-      'Flax <code>capture_intermediates</code>; one colour scale per '
-      'layer.</p>', fmap_sections, '</body></html>']
-  with open(path, 'w') as f:
-    f.write('\n'.join(parts))
+def _stage_rows(arch: Any) -> list[dict[str, Any]]:
+  return [{'name': s.name, 'kind': s.kind, 'in_shape': s.in_shape,
+           'out_shape': s.out_shape, 'params': s.params,
+           'arithmetic': s.arithmetic, 'field_text': s.field_text,
+           'note': s.note} for s in arch.stages]
 
 
 def analyze(config: Config, workdir: str,
-            examples: Sequence[int] = (0, 1, 2)) -> str:
+            examples: Sequence[int] = (0, 1, 2),
+            compare: str | None = None) -> str:
   """Writes ``workdir/analysis/index.html`` (and its files); returns its path.
 
-  ``examples`` are the test-set indices whose feature maps are drawn.
-  Raises CnnJaxError when the workdir holds no best checkpoint or an index
-  is out of range.
+  ``examples`` are the test-set indices whose path through the model is
+  drawn; ``compare`` is another run's workdir (same dataset) to show side by
+  side. Raises CnnJaxError when a workdir holds no run or best checkpoint,
+  the runs are on different datasets, or an index is out of range.
   """
   restored = inference.restore(workdir, config)
+  other = _other_run(compare, restored) if compare else None
   model, variables, meta = restored.model, restored.variables, restored.meta
   data = input_pipeline.load(config, splits=('test',))
   info, test = restored.info, data.test
@@ -311,39 +118,92 @@ def analyze(config: Config, workdir: str,
   if not len(test):
     raise CnnJaxError(f'the test split of {info.name!r} is empty')
   examples = _check_examples(examples, len(test))
-  logits = np.asarray(restored.predictor().logits(variables, test.images))
-  ev = evaluate(logits, test.labels, info.num_classes)
   names = [str(n) for n in info.class_names]
+  ev = evaluation.evaluate(_probabilities(restored, test.images), test.labels,
+                           info.num_classes)
 
   out_dir = os.path.join(workdir, 'analysis')
   os.makedirs(out_dir, exist_ok=True)
-  _clean_previous(out_dir)
-  files = _Files(out_dir)
-  history = workdir_lib.read_history(workdir)
-  files.add('history', plots.history(history, files.path('history.png')))
+  clean_previous(out_dir)
+  files = ReportFiles(out_dir)
   n = min(NUM_SAMPLES, len(test))
-  files.add('samples', plots.samples(
+  files.add('data', plots.samples(
       test.images[:n], test.labels[:n], names, files.path('samples.png'),
       f'the first {n} test images with their labels'))
-  _evaluation_figures(model, variables, test, names, ev, files)
-  maps = _feature_maps(model, variables, test, names, ev, examples, files)
-  _filters(model, variables, test, maps, config, files)
-  rows = ev.scores.rows(names)
-  _write_tables(rows, ev.cm, names, files)
+  evaluated = evaluation.write(files, test.images, ev, names)
+  right, wrong = metrics.gallery_indices(ev.labels, ev.predictions,
+                                         ev.confidences, NUM_SALIENCY,
+                                         NUM_SALIENCY)
+  chosen = np.concatenate([right, wrong]).astype(int)
+  inside = internals.write(
+      files, model, variables, test.images, test.labels, names, examples,
+      (chosen, ev.predictions[chosen], ev.confidences[chosen]),
+      min(config.eval_batch_size, 500))
+  arch = inside['architecture']
+  history = workdir_lib.read_history(workdir)
+  best_epoch = int(meta.get('epoch', -1))
+  files.add('training', plots.history(history, files.path('history.png'),
+                                      best_epoch))
+  compared = None
+  if other is not None:
+    label_a, label_b = compare_lib.labels(config.model, workdir,
+                                          other.config.model, compare)
+    other_ev = evaluation.evaluate(_probabilities(other, test.images),
+                                   test.labels, info.num_classes)
+    compared = compare_lib.write(
+        files, test.images, _run(label_a, workdir, restored, ev),
+        _run(label_b, compare, other, other_ev), names)
 
   summary = {
       'model': config.model, 'dataset': info.name, 'workdir': workdir,
       'test_accuracy': ev.accuracy, 'test_loss': ev.loss,
-      'test_examples': int(len(test)),
-      'num_params': models.count_params(variables['params']),
-      'best_epoch': int(meta.get('epoch', -1)),
+      'test_examples': int(len(test)), 'mistakes': ev.mistakes,
+      'num_params': arch.num_params, 'best_epoch': best_epoch,
       'val_accuracy': float(meta.get('accuracy', float('nan'))),
       'ece': ev.calibration.ece, 'epochs_trained': len(history),
-      'feature_map_layers': [m.name for m in maps],
+      'feature_map_layers': inside['feature_map_layers'],
       'examples': examples,
+      'sections': list(page.section_ids(compared is not None)),
+      'compare': compare,
+  }
+  dropout = sorted({s.rate for s in arch.stages
+                    if s.kind == 'dropout' and s.rate})
+  context = {
+      'title': f'{config.model} on {info.name}', 'workdir': workdir,
+      'accuracy': ev.accuracy,
+      'headline': captions.headline(config.model, info.name, ev.labels,
+                                    ev.predictions),
+      'headline_rows': _headline_rows(summary),
+      'data': {'captions': captions.data(names, info.image_shape, len(test)),
+               'figures': files.figures('data')},
+      'arch': {'stages': _stage_rows(arch), 'lessons': inside['lessons'],
+               'total': arch.num_params},
+      'examples': [
+          {**ex, 'stage_figures': files.figures(f'fmaps_{ex["index"]}')}
+          for ex in inside['examples']],
+      'early_deep': {'captions': inside['early_deep'],
+                     'figures': files.figures('early_deep')},
+      'training': {'captions': captions.training(
+          history, best_epoch, config.best_metric, config.augment, dropout,
+          config.label_smoothing, config.lr_schedule),
+                   'figures': files.figures('training')},
+      'results': {'captions': evaluated['results'],
+                  'figures': files.figures('results')},
+      'mistakes': {'captions': evaluated['mistakes'],
+                   'pairs': evaluated['pairs'],
+                   'figures': files.figures('mistakes')},
+      'compare': compared,
+      'reference': {
+          'per_class_rows': evaluated['per_class_rows'],
+          'any_low': any(r['below_overall']
+                         for r in evaluated['per_class_rows']),
+          'calibration': evaluated['calibration'],
+          'saliency': captions.saliency(len(right), len(wrong)),
+          'evaluation_figures': files.figures('reference_evaluation'),
+          'internals_figures': files.figures('reference_internals')},
   }
   index = files.path('index.html')
-  _write_html(summary, rows, files, examples, index)
+  page.write(index, context)
   summary['files'] = files.all() + ['index.html', 'summary.json']
   with open(files.path('summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)
