@@ -51,11 +51,11 @@ def _check_member(path: str, out: str) -> Config:
 
 
 def _copy_member(path: str, dest: str) -> None:
-  """The files a member needs for inference: config, dataset info, results
-  and its best checkpoint."""
+  """The files a member needs for inference and analysis: config, dataset
+  info, results, training history and its best checkpoint."""
   os.makedirs(dest)
   for name in (workdir_lib.CONFIG, workdir_lib.DATASET_INFO,
-               workdir_lib.RESULTS):
+               workdir_lib.RESULTS, workdir_lib.METRICS):
     if os.path.exists(os.path.join(path, name)):
       shutil.copy2(os.path.join(path, name), dest)
   shutil.copytree(os.path.join(path, 'checkpoints', 'best'),

@@ -464,3 +464,37 @@ def test_templates_ship_as_package_data():
   assert page.TEMPLATE in [p.name for p in templates.iterdir()]
   for name in files:
     assert any(fnmatch.fnmatch(name, p) for p in patterns), name
+
+
+def test_analyze_an_ensemble_workdir(trained_simple, trained_deep, mock_tfds,
+                                     tmp_path):
+  """The results are those of the averaged members; the new section shows
+  each member and where they disagree; internals are the first member's."""
+  from cnn_jax import ensemble, workdir as workdir_lib
+  config = trained_simple[0]
+  out = str(tmp_path / 'ensemble')
+  results = ensemble.build(config, [trained_simple[1], trained_deep[1]], out)
+  path = report.analyze(workdir_lib.load_config(out).replace(
+      tfds_data_dir=config.tfds_data_dir), out, examples=(0,))
+  doc = _Page(path)
+  summary = json.load(open(os.path.join(out, 'analysis', 'summary.json')))
+  assert summary['sections'] == list(page.section_ids(False, True))
+  assert [s for s in doc.ids if s in summary['sections']] == summary['sections']
+  _check_links(os.path.join(out, 'analysis'), doc)
+  assert summary['test_accuracy'] == pytest.approx(results['test_accuracy'])
+  assert summary['num_networks'] == 2
+  assert captions.pct(results['test_accuracy']) in doc.text['ensemble-captions']
+  assert captions.pct(results['vote_accuracy']) in doc.text['ensemble-captions']
+  test = input_pipeline.load(config, splits=('test',)).test
+  preds = [_predictions(w, test.images) for w in (trained_simple[1],
+                                                  trained_deep[1])]
+  disagree = int((preds[0] != preds[1]).sum())
+  assert f'disagree on {captions.plural(disagree, "test image")}' in (
+      doc.text['ensemble-captions'])
+  for pred in preds:
+    assert captions.pct(float((pred == test.labels).mean())) in (
+        doc.text['ensemble-members'])
+  assert 'holds 2 networks' in doc.text['architecture-members']
+  # The layer table is the first member's (SimpleCNN) and adds up.
+  assert int(doc.text['total-params'].replace(',', '')) == sum(
+      int(s['data-params']) for s in doc.stages)

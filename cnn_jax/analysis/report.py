@@ -16,18 +16,20 @@ and its variables); `captions` turns both into sentences.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Sequence
 
 from absl import logging
+import jax
 import numpy as np
 
 from cnn_jax import evaluate as evaluate_lib
 from cnn_jax import inference, input_pipeline, models
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.analysis import (captions, compare as compare_lib, evaluation,
-                              internals, metrics, page, plots)
+                              internals, members, metrics, page, plots)
 from cnn_jax.analysis.files import ReportFiles, clean_previous
 from cnn_jax.config import Config, CnnJaxError
 
@@ -43,15 +45,22 @@ def _check_examples(examples: Sequence[int], n: int) -> list[int]:
   return list(dict.fromkeys(int(i) for i in examples))
 
 
-def _probabilities(restored: inference.Restored, images: np.ndarray
-                   ) -> np.ndarray:
-  """``[N, C]`` float64 softmax of a run's test logits."""
-  logits = restored.predictor().logits(restored.variables, images)
-  return metrics.softmax(np.asarray(logits))
+def _first_network(ens: inference.Ensemble
+                   ) -> tuple[inference.Restored, str]:
+  """The first network of a workdir (one of a many-member run's, or an
+  ensemble's first member) and the workdir holding its history."""
+  run = ens.runs[0]
+  if run.num_members > 1:
+    run = dataclasses.replace(
+        run, config=run.config.replace(num_models=1),
+        variables=jax.tree_util.tree_map(lambda a: a[0], run.variables),
+        meta=run.member_meta()[0])
+  return run, run.workdir
 
 
-def _other_run(other: str, restored: inference.Restored) -> inference.Restored:
-  """The ``--compare`` run, checked to be on the same dataset."""
+def _other_run(other: str, info: input_pipeline.DatasetInfo
+               ) -> inference.Ensemble:
+  """The ``--compare`` workdir (any kind), checked to be on the dataset."""
   if not os.path.isdir(other):
     raise CnnJaxError(f'--compare={other} does not exist; give the workdir '
                       'of another trained run')
@@ -61,22 +70,24 @@ def _other_run(other: str, restored: inference.Restored) -> inference.Restored:
   try:
     other_config = workdir_lib.load_config(other)
     compare_lib.check_same_dataset(
-        restored.info, workdir_lib.dataset_info(other, other_config), other)
-    return inference.restore(other, other_config)
+        info, workdir_lib.dataset_info(other, other_config), other)
+    return inference.load(other, other_config)
   except CnnJaxError as e:
     if str(e).startswith('--compare='):
       raise
     raise CnnJaxError(f'--compare={other}: {e}') from e
 
 
-def _run(label: str, workdir: str, restored: inference.Restored,
+def _run(label: str, workdir: str, ens: inference.Ensemble,
          ev: evaluation.Evaluation) -> compare_lib.Run:
-  history = workdir_lib.read_history(workdir)
+  first, history_dir = _first_network(ens)
+  history = workdir_lib.read_history(history_dir)
   return compare_lib.Run(
       label=label, workdir=workdir,
-      num_params=models.count_params(restored.variables['params']),
-      best_epoch=int(restored.meta.get('epoch', -1)),
-      epochs=len(history) or restored.config.epochs, ev=ev)
+      num_params=sum(models.count_params(run.variables['params'])
+                     for run in ens.runs),
+      best_epoch=int(first.meta.get('epoch') or -1),
+      epochs=len(history) or first.config.epochs, ev=ev)
 
 
 def _headline_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -109,17 +120,19 @@ def analyze(config: Config, workdir: str,
   side. Raises CnnJaxError when a workdir holds no run or best checkpoint,
   the runs are on different datasets, or an index is out of range.
   """
-  restored = inference.restore(workdir, config)
-  other = _other_run(compare, restored) if compare else None
-  model, variables, meta = restored.model, restored.variables, restored.meta
+  ens = inference.load(workdir, config)
+  other = _other_run(compare, ens.info) if compare else None
+  first, history_dir = _first_network(ens)
+  model, variables, meta = first.model, first.variables, first.meta
   data = input_pipeline.load(config, splits=('test',))
-  info, test = restored.info, data.test
+  info, test = ens.info, data.test
   evaluate_lib.check_compatible(info, data.info)
   if not len(test):
     raise CnnJaxError(f'the test split of {info.name!r} is empty')
   examples = _check_examples(examples, len(test))
   names = [str(n) for n in info.class_names]
-  ev = evaluation.evaluate(_probabilities(restored, test.images), test.labels,
+  member_probs = ens.member_probabilities(test.images)
+  ev = evaluation.evaluate(member_probs.mean(0), test.labels,
                            info.num_classes)
 
   out_dir = os.path.join(workdir, 'analysis')
@@ -140,30 +153,38 @@ def analyze(config: Config, workdir: str,
       (chosen, ev.predictions[chosen], ev.confidences[chosen]),
       min(config.eval_batch_size, 500))
   arch = inside['architecture']
-  history = workdir_lib.read_history(workdir)
-  best_epoch = int(meta.get('epoch', -1))
+  networks = ens.members
+  ensemble = (members.write(files, test.images, test.labels, member_probs,
+                            networks, names) if len(networks) > 1 else None)
+  history = workdir_lib.read_history(history_dir)
+  best_epoch = int(meta.get('epoch') or -1)
   files.add('training', plots.history(history, files.path('history.png'),
                                       best_epoch))
   compared = None
   if other is not None:
     label_a, label_b = compare_lib.labels(config.model, workdir,
-                                          other.config.model, compare)
-    other_ev = evaluation.evaluate(_probabilities(other, test.images),
+                                          other.runs[0].config.model
+                                          if len(other.runs) == 1 else
+                                          'ensemble', compare)
+    other_ev = evaluation.evaluate(other.probabilities(test.images),
                                    test.labels, info.num_classes)
     compared = compare_lib.write(
-        files, test.images, _run(label_a, workdir, restored, ev),
+        files, test.images, _run(label_a, workdir, ens, ev),
         _run(label_b, compare, other, other_ev), names)
 
   summary = {
       'model': config.model, 'dataset': info.name, 'workdir': workdir,
       'test_accuracy': ev.accuracy, 'test_loss': ev.loss,
       'test_examples': int(len(test)), 'mistakes': ev.mistakes,
-      'num_params': arch.num_params, 'best_epoch': best_epoch,
+      'num_params': sum(models.count_params(run.variables['params'])
+                        for run in ens.runs),
+      'num_networks': len(networks), 'best_epoch': best_epoch,
       'val_accuracy': float(meta.get('accuracy', float('nan'))),
       'ece': ev.calibration.ece, 'epochs_trained': len(history),
       'feature_map_layers': inside['feature_map_layers'],
       'examples': examples,
-      'sections': list(page.section_ids(compared is not None)),
+      'sections': list(page.section_ids(compared is not None,
+                                        ensemble is not None)),
       'compare': compare,
   }
   dropout = sorted({s.rate for s in arch.stages
@@ -177,7 +198,13 @@ def analyze(config: Config, workdir: str,
       'data': {'captions': captions.data(names, info.image_shape, len(test)),
                'figures': files.figures('data')},
       'arch': {'stages': _stage_rows(arch), 'lessons': inside['lessons'],
-               'total': arch.num_params},
+               'total': arch.num_params,
+               'note': (f'This workdir holds {len(networks)} networks. The '
+                        'architecture, feature maps, filters and training '
+                        f'history below are those of the first '
+                        f'({networks[0].name}); the results and mistakes are '
+                        'those of their averaged probabilities.'
+                        if len(networks) > 1 else '')},
       'examples': [
           {**ex, 'stage_figures': files.figures(f'fmaps_{ex["index"]}')}
           for ex in inside['examples']],
@@ -193,6 +220,7 @@ def analyze(config: Config, workdir: str,
                    'pairs': evaluated['pairs'],
                    'figures': files.figures('mistakes')},
       'compare': compared,
+      'ensemble': ensemble,
       'reference': {
           'per_class_rows': evaluated['per_class_rows'],
           'any_low': any(r['below_overall']
