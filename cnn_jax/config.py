@@ -71,6 +71,10 @@ class Config:
                   '(cnn_jax/registry.py): simple_cnn, deep_cnn.')
   width_multiplier: float = _f(1.0, 'Scales every conv layer\'s filter count '
                                '(ablations: 0.5, 1, 2).')
+  conv_features: str = _f('', 'Filters of each conv layer (simple_cnn: 3 '
+                          'numbers) or stage (deep_cnn: 2), comma-separated, '
+                          'e.g. 64,64,64; overrides --width_multiplier. '
+                          'Empty = the model default times the multiplier.')
   dense_features: int = _f(0, 'Hidden dense width (0 = the model default: '
                            '64 for simple_cnn, 128 for deep_cnn).')
   batch_norm: bool = _f(True, 'deep_cnn: use batch normalization.')
@@ -169,6 +173,11 @@ def validate(config: Config) -> Config:
       'cosine', 'onecycle'):
     bad(f'--warmup_epochs ({config.warmup_epochs}) must be less than --epochs '
         f'({config.epochs})')
+  if config.conv_features:
+    parts = config.conv_features.split(',')
+    if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+      bad(f'--conv_features={config.conv_features!r} must be positive '
+          'integers separated by commas, e.g. 32,64,64')
   if not 0 <= config.tta <= 8:
     bad(f'--tta must be between 0 and 8 (shifted copies), got {config.tta}')
   if not config.dataset.strip():

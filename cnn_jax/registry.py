@@ -17,21 +17,31 @@ from cnn_jax import kernels, models
 from cnn_jax.config import Config, CnnJaxError
 
 
-def _widths(base: Sequence[int], multiplier: float) -> tuple[int, ...]:
-  return tuple(max(1, round(w * multiplier)) for w in base)
+def _widths(config: Config, base: Sequence[int]) -> tuple[int, ...]:
+  """Filters per layer: ``--conv_features``, else the default widths
+  scaled by ``--width_multiplier``."""
+  if config.conv_features:
+    widths = tuple(int(w) for w in config.conv_features.split(','))
+    if len(widths) != len(base):
+      raise CnnJaxError(
+          f'--conv_features={config.conv_features!r} gives {len(widths)} '
+          f'widths; --model={config.model} takes {len(base)} (default '
+          f'{",".join(map(str, base))})')
+    return widths
+  return tuple(max(1, round(w * config.width_multiplier)) for w in base)
 
 
 def _simple_cnn(config: Config, num_classes: int) -> nn.Module:
   return models.SimpleCNN(
       num_classes=num_classes,
-      features=_widths((32, 64, 64), config.width_multiplier),
+      features=_widths(config, (32, 64, 64)),
       dense_features=config.dense_features or 64)
 
 
 def _deep_cnn(config: Config, num_classes: int) -> nn.Module:
   return models.DeepCNN(
       num_classes=num_classes,
-      stage_features=_widths((32, 64), config.width_multiplier),
+      stage_features=_widths(config, (32, 64)),
       dense_features=config.dense_features or 128,
       dropout_rate=config.dropout_rate, batch_norm=config.batch_norm)
 

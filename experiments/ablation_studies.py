@@ -70,6 +70,20 @@ def _filters() -> Study:
                      for w in (0.5, 1.0, 2.0)))
 
 
+def _layer_filters() -> Study:
+  widths = {'base': (32, 64, 64), 'conv1x2': (64, 64, 64),
+            'conv2x2': (32, 128, 64), 'conv3x2': (32, 64, 128)}
+  return Study(
+      name='layer_filters',
+      description='SimpleCNN: twice the filters in one conv layer at a time '
+                  '(--conv_features 64,64,64 / 32,128,64 / 32,64,128).',
+      knob_label='conv layer with twice the filters',
+      base={'model': 'simple_cnn'},
+      variants=tuple(Variant(name, name.replace('x2', '').replace(
+          'base', 'none'), {'conv_features': ','.join(map(str, w))})
+                     for name, w in widths.items()))
+
+
 def _batchnorm_dropout() -> Study:
   return Study(
       name='batchnorm_dropout',
@@ -121,5 +135,6 @@ def _optimizer() -> Study:
 
 def studies() -> dict[str, Study]:
   """All studies by name, in the order `--study=list` shows them."""
-  return {s.name: s for s in (_filters(), _batchnorm_dropout(),
-                              _augmentation(), _optimizer())}
+  return {s.name: s for s in (_filters(), _layer_filters(),
+                              _batchnorm_dropout(), _augmentation(),
+                              _optimizer())}

@@ -90,3 +90,14 @@ def test_cpu_kernels_compute_the_stock_model(name):
 def test_kernel_names_live_in_one_place():
   from cnn_jax import config
   assert config.KERNELS is kernels.KERNELS
+
+
+def test_conv_features_set_each_layer():
+  m = registry.create_model(Config(conv_features='64,64,128',
+                                   width_multiplier=0.5), 10)
+  assert tuple(m.features) == (64, 64, 128)
+  d = registry.create_model(Config(model='deep_cnn', conv_features='8,16'), 10)
+  assert tuple(d.stage_features) == (8, 16)
+  with pytest.raises(CnnJaxError, match="gives 2 widths; --model=simple_cnn "
+                     'takes 3'):
+    registry.create_model(Config(conv_features='8,16'), 10)
