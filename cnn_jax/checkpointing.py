@@ -78,6 +78,15 @@ def _mismatch(directory: str, e: Exception) -> CnnJaxError:
                      f'width?): {detail}')
 
 
+def has_best(workdir: str) -> bool:
+  """Whether ``workdir`` holds a best checkpoint (read-only look)."""
+  ckpt = Checkpointer(workdir, read_only=True)
+  try:
+    return ckpt.has_best()
+  finally:
+    ckpt.close()
+
+
 class Checkpointer:
   """Saves and restores the latest state and the best params of one run."""
 

@@ -23,7 +23,7 @@ from absl import logging
 
 from cnn_jax import evaluate, inference, input_pipeline
 from cnn_jax import workdir as workdir_lib
-from cnn_jax.checkpointing import Checkpointer
+from cnn_jax import checkpointing
 from cnn_jax.config import Config, CnnJaxError, ENSEMBLE, validate
 
 MEMBERS_DIR = 'members'
@@ -40,13 +40,10 @@ def _check_member(path: str, out: str) -> Config:
   if config.members:
     raise CnnJaxError(f'member {path} is itself an ensemble; list its '
                       'members instead')
-  ckpt = Checkpointer(path, read_only=True)
-  try:
-    if not ckpt.has_best():
-      raise CnnJaxError(f'member {path} has no checkpoint (no '
-                        f'{ckpt.root}/best); train it first')
-  finally:
-    ckpt.close()
+  if not checkpointing.has_best(path):
+    raise CnnJaxError(f'member {path} has no checkpoint (no '
+                      f'{os.path.join(path, "checkpoints", "best")}); train '
+                      'it first')
   return config
 
 

@@ -19,13 +19,9 @@ from cnn_jax.config import Config, CnnJaxError
 def check_compatible(info: input_pipeline.DatasetInfo,
                      data_info: input_pipeline.DatasetInfo) -> None:
   """Fails when data of ``data_info`` cannot go through a model of ``info``."""
-  if (info.num_classes, tuple(info.image_shape)) != (
-      data_info.num_classes, tuple(data_info.image_shape)):
-    raise CnnJaxError(
-        f'the run was trained on {info.name} ({info.num_classes} classes, '
-        f'images {tuple(info.image_shape)}) but --dataset gives '
-        f'{data_info.name} ({data_info.num_classes} classes, images '
-        f'{tuple(data_info.image_shape)})')
+  if not info.same_task(data_info):
+    raise CnnJaxError(f'the run was trained on {info.describe()} but '
+                      f'--dataset gives {data_info.describe()}')
 
 
 def score(ensemble: inference.Ensemble, images: np.ndarray,

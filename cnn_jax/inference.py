@@ -271,13 +271,9 @@ class Ensemble:
 def check_same_data(info: input_pipeline.DatasetInfo,
                     other: input_pipeline.DatasetInfo, where: str) -> None:
   """Fails when runs on ``other`` cannot be combined with runs on ``info``."""
-  if (info.num_classes, tuple(info.image_shape)) != (
-      other.num_classes, tuple(other.image_shape)):
-    raise CnnJaxError(
-        f'{where} was trained on {other.name} ({other.num_classes} classes, '
-        f'images {tuple(other.image_shape)}), not like the others on '
-        f'{info.name} ({info.num_classes} classes, images '
-        f'{tuple(info.image_shape)})')
+  if not info.same_task(other):
+    raise CnnJaxError(f'{where} was trained on {other.describe()}, not like '
+                      f'the others on {info.describe()}')
 
 
 def load(workdir: str, config: Config | None = None,

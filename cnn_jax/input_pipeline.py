@@ -43,6 +43,17 @@ class DatasetInfo:
             'image_shape': list(self.image_shape),
             'input': INPUT_CONTRACT}
 
+  def same_task(self, other: 'DatasetInfo') -> bool:
+    """Whether a model of one classifies the other's images: same classes
+    (names, in order) and the same image shape."""
+    return (tuple(self.class_names), tuple(self.image_shape)) == (
+        tuple(other.class_names), tuple(other.image_shape))
+
+  def describe(self) -> str:
+    """``mnist (10 classes, images 28x28x1)``, for error messages."""
+    shape = 'x'.join(str(d) for d in self.image_shape)
+    return f'{self.name} ({self.num_classes} classes, images {shape})'
+
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> 'DatasetInfo':
     return cls(name=str(d['name']), num_classes=int(d['num_classes']),

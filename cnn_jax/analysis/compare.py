@@ -39,13 +39,11 @@ def check_same_dataset(info: input_pipeline.DatasetInfo,
                        other: input_pipeline.DatasetInfo,
                        other_workdir: str) -> None:
   """Fails unless both runs classify the same classes of same-shape images."""
-  if (tuple(info.class_names), tuple(info.image_shape)) != (
-      tuple(other.class_names), tuple(other.image_shape)):
+  if not info.same_task(other):
     raise CnnJaxError(
-        f'--compare={other_workdir} was trained on {other.name} '
-        f'({other.num_classes} classes, images {tuple(other.image_shape)}) '
-        f'but this run on {info.name} ({info.num_classes} classes, images '
-        f'{tuple(info.image_shape)}); compare two runs on the same dataset')
+        f'--compare={other_workdir} was trained on {other.describe()} but '
+        f'this run on {info.describe()}; compare two runs on the same '
+        'dataset')
 
 
 def labels(model_a: str, workdir_a: str, model_b: str, workdir_b: str
