@@ -14,8 +14,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from cnn_jax.analysis.captions import prob
-from cnn_jax.analysis.plots import (CORRECT, MISTAKE, save, show_image,
-                                    value_norm)
+from cnn_jax.analysis.plots import (CORRECT, MISTAKE, class_axis, save,
+                                    show_image, value_norm)
 
 
 def _weights(ax: Any, kernel: np.ndarray, title: str) -> None:
@@ -168,13 +168,7 @@ def compare_per_class(class_names: Sequence[str], recall_a: np.ndarray,
   ax = fig.subplots()
   ax.bar(x - 0.2, 100 * recall_a, 0.4, label=label_a, color='#4c72b0')
   ax.bar(x + 0.2, 100 * recall_b, 0.4, label=label_b, color='#dd8452')
-  shown = 100 * np.concatenate([recall_a, recall_b])
-  lo = max(0.0, math.floor(float(shown.min()) - 0.05 * (100 - shown.min())
-                           - 0.5))
-  ax.set_ylim(lo, 100 + 0.08 * (100 - lo))
-  ax.set_xticks(x)
-  ax.set_xticklabels(class_names, rotation=45 if k > 10 else 0)
-  ax.set_xlabel('class')
+  class_axis(ax, class_names, 100 * np.concatenate([recall_a, recall_b]))
   ax.set_ylabel('recall = class accuracy (%)')
   ax.set_title('per-class accuracy of the two runs')
   ax.grid(axis='y', alpha=0.3)

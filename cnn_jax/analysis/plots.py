@@ -25,6 +25,17 @@ MISTAKE = '#c0392b'
 CORRECT = '#1e7b34'
 
 
+def class_axis(ax: Any, class_names: Sequence[str], shown: np.ndarray
+               ) -> None:
+  """Classes along x; a percentage y axis zoomed to the ``shown`` values."""
+  lo = max(0.0, math.floor(float(shown.min()) - 0.05 * (100 - shown.min())
+                           - 0.5))
+  ax.set_ylim(lo, 100 + 0.08 * (100 - lo))
+  ax.set_xticks(np.arange(len(class_names)))
+  ax.set_xticklabels(class_names, rotation=45 if len(class_names) > 10 else 0)
+  ax.set_xlabel('class')
+
+
 def save(fig: Figure, path: str) -> str:
   fig.savefig(path, dpi=DPI, bbox_inches='tight', facecolor='white')
   return path
@@ -323,13 +334,8 @@ def per_class(scores: metrics.PerClass, class_names: Sequence[str],
             fontsize=7, color=MISTAKE if low[i] else 'black')
   ax.axhline(100 * overall, color='k', ls=':', lw=1,
              label=f'overall accuracy {100 * overall:.2f}%')
-  shown = 100 * np.concatenate([scores.precision, scores.recall, scores.f1])
-  lo = max(0.0, math.floor(float(shown.min()) - 0.05 * (100 - shown.min())
-                           - 0.5))
-  ax.set_ylim(lo, 100 + 0.08 * (100 - lo))
-  ax.set_xticks(x)
-  ax.set_xticklabels(class_names, rotation=45 if k > 10 else 0)
-  ax.set_xlabel('class')
+  class_axis(ax, class_names, 100 * np.concatenate(
+      [scores.precision, scores.recall, scores.f1]))
   ax.set_ylabel('%')
   note = '' if low.any() else ' (no class below the overall accuracy)'
   ax.set_title('per-class precision, recall and F1 on the test set' + note)
