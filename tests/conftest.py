@@ -67,3 +67,25 @@ def trained_deep(tmp_path_factory) -> tuple[Config, str]:
   """(config, workdir) of a small DeepCNN trained 1 epoch on mock data."""
   return _train_tiny(tmp_path_factory.mktemp('deep'), model='deep_cnn',
                      width_multiplier=0.25, dense_features=16)
+
+
+@pytest.fixture(scope='session')
+def interrupted_simple(tmp_path_factory):
+  """A SimpleCNN run that crashed after step 10 of 12, and the same run whole.
+
+  Returns (config, uninterrupted workdir, crashed workdir, the steps the
+  crashed run trained). The crashed one saved latest steps 8 and 10, in
+  epoch 2 of 6 steps each: copy it before resuming it.
+  """
+  from cnn_jax import train
+  from helpers.resume import SimulatedCrash, record_chunks, steps_run
+  root = tmp_path_factory.mktemp('interrupted')
+  config = tiny_config(root / 'tfds', epochs=2, log_every_steps=2,
+                       checkpoint_every_steps=2)
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    train.train_and_evaluate(config, str(root / 'full'))
+    with pytest.MonkeyPatch.context() as mp:
+      chunks = record_chunks(mp, crash_after=5)
+      with pytest.raises(SimulatedCrash):
+        train.train_and_evaluate(config, str(root / 'crashed'))
+  return config, str(root / 'full'), root / 'crashed', steps_run(chunks)
