@@ -370,7 +370,9 @@ def test_real_full_disk_errors_clearly_and_keeps_saved_work(mock_tfds,
   monkeypatch.undo()
   assert Checkpointer(workdir).latest_steps() == [2]
   ballast.unlink()
-  results = train.train_and_evaluate(config, workdir)  # Resumes and ends.
+  chunks = record_chunks(monkeypatch)
+  results = train.train_and_evaluate(config, workdir)
+  assert steps_run(chunks) == list(range(3, 13))  # Resumed from step 2.
   assert results['steps'] == 12
   assert [r['epoch'] for r in workdir_lib.read_history(workdir)] == [1, 2]
 
