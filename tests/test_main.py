@@ -203,12 +203,11 @@ def test_analyze_writes_the_report(run_copy):
     ('export', 'empty', [], 'no run found in --workdir='),
     ('predict', 'run', ['--top_k=0', 'x.png'],
      '--top_k must be a positive integer, got 0'),
-    ('analyze', 'run', ['--analysis_examples=999'], '[999] out of range'),
+    ('analyze', 'missing', [], 'no run found in --workdir='),
 ])
 def test_mode_user_errors_exit_1_with_one_error_line(run_copy, tmp_path, mode,
                                                      workdir, args, message):
   workdir = {'missing': tmp_path / 'nothing', 'empty': tmp_path,
              'run': run_copy}[workdir]
-  result = _run(f'--mode={mode}', f'--workdir={workdir}', *args,
-                mock_data=mode == 'analyze')
+  result = _run(f'--mode={mode}', f'--workdir={workdir}', *args)
   _assert_one_error_line(result, message)
