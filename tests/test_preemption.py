@@ -138,13 +138,12 @@ def test_sigkill_at_random_points_then_rerun_matches_uninterrupted(
   assert_same_run(reference, workdir)
 
 
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_sigint_save_then_rerun_matches_uninterrupted(
-    uninterrupted, tmp_path, signum):
-  reference, data_dir = uninterrupted
-  workdir = tmp_path / 'signalled'
-  log = tmp_path / 'run.log'
-  proc = _start(workdir, data_dir, log)
+def _signal_then_resume(workdir: pathlib.Path, data_dir: pathlib.Path,
+                        signum: int, log: pathlib.Path, total: int = STEPS,
+                        **flags) -> None:
+  """Signals a run after its first checkpoint; it must save and stop, and
+  its rerun must resume from that save and train only the steps after it."""
+  proc = _start(workdir, data_dir, log, **flags)
   _wait_for_checkpoint(proc, workdir)
   before = _saved_steps(workdir)
   proc.send_signal(signum)
@@ -157,26 +156,28 @@ def test_sigterm_and_sigint_save_then_rerun_matches_uninterrupted(
   assert max(after) > max(before), (before, after)  # Saved on the way out.
   assert f'at step {max(after)};' in output
   assert not (workdir / 'results.json').exists()
-  _assert_resumed(_run_to_end(workdir, data_dir), max(after))
+  _assert_resumed(_run_to_end(workdir, data_dir, **flags), max(after), total)
+
+
+def test_sigterm_saves_then_rerun_matches_uninterrupted(uninterrupted,
+                                                        tmp_path):
+  reference, data_dir = uninterrupted
+  workdir = tmp_path / 'signalled'
+  _signal_then_resume(workdir, data_dir, signal.SIGTERM, tmp_path / 'run.log')
   assert_same_run(reference, workdir)
 
 
 def test_deep_cnn_with_bn_dropout_augment_on_two_devices_resumes_exactly(
     tmp_path):
-  """SIGTERM, then a rerun: batch statistics, dropout and augmentation keys
-  and the data order continue across the resume on a 2-device mesh."""
+  """SIGINT (Ctrl-C), then a rerun: batch statistics, dropout and
+  augmentation keys and the data order continue across the resume on a
+  2-device mesh."""
   data_dir, reference = tmp_path / 'tfds', tmp_path / 'full'
   output = _run_to_end(reference, data_dir, **DEEP_2DEV)
   assert 'Resuming' not in output and ' 2 device(s) ' in output
-  workdir, log = tmp_path / 'stopped', tmp_path / 'run.log'
-  proc = _start(workdir, data_dir, log, **DEEP_2DEV)
-  _wait_for_checkpoint(proc, workdir)
-  proc.send_signal(signal.SIGTERM)
-  proc.wait(timeout=120)
-  assert proc.returncode == 143, log.read_text()[-3000:]
-  saved = max(_saved_steps(workdir))
-  output = _run_to_end(workdir, data_dir, **DEEP_2DEV)
-  _assert_resumed(output, saved, total=12)
+  workdir = tmp_path / 'stopped'
+  _signal_then_resume(workdir, data_dir, signal.SIGINT, tmp_path / 'run.log',
+                      total=12, **DEEP_2DEV)
   results = json.loads((workdir / 'results.json').read_text())
   assert results['num_devices'] == 2 and results['model'] == 'deep_cnn'
   assert_same_run(reference, workdir)
