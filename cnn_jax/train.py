@@ -380,6 +380,11 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         k: v.item() for k, v in jax.device_get(sums).items()}  # Keeps dtypes.
     ckpt.save_latest(step, state, meta)
 
+  def stopped_at(step: int, signum: int | None) -> str:
+    by = signum or 'to another process'
+    return (f'stopped by signal {by} at step {step}; latest state saved, '
+            're-run the same command to resume')
+
   step = int(state.step)
   with _stop_on_signals() as stop:
     while step < total_steps:
@@ -411,11 +416,11 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
                        total_steps, loss_sum / float(host['count']),
                        100 * float(host['correct']) / float(host['count']),
                        chunk * config.batch_size / dt)
-        if distributed.any_process(stop['signal'] is not None):
+        # An epoch's last chunk stops after the epoch's validation below.
+        if start + chunk < steps_per_epoch and distributed.any_process(
+            stop['signal'] is not None):
           save_latest(step, sums)
-          by = stop['signal'] or 'to another process'
-          raise Stop(f'stopped by signal {by} at step {step}; '
-                     'latest state saved, re-run the same command to resume')
+          raise Stop(stopped_at(step, stop['signal']))
         if (config.checkpoint_every_steps and start + chunk < steps_per_epoch
             and step % config.checkpoint_every_steps == 0):
           save_latest(step, sums)
@@ -442,6 +447,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         ckpt.save_best(step, variables_of(state),
                        {'epoch': epoch + 1, 'step': step, **val})
       save_latest(step, None)
+      if distributed.any_process(stop['signal'] is not None):
+        raise Stop(stopped_at(step, stop['signal']))
   metrics_out.close()
 
   best, best_meta = ckpt.restore_best(variables_of(state))

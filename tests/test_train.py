@@ -280,6 +280,24 @@ def test_interrupted_run_resumes_from_its_checkpoint_to_the_same_state(
   assert_same_run(full, resumed)
 
 
+def test_stop_signal_in_an_epochs_last_chunk_still_ends_that_epoch(
+    interrupted_simple, mock_tfds, tmp_path, monkeypatch):
+  """SIGTERM during steps 5-6, the end of epoch 1: the epoch is validated
+  and its best params saved before stopping, so the rerun matches too."""
+  config, full, _, _ = interrupted_simple
+  workdir = str(tmp_path / 'run')
+  record_chunks(monkeypatch, sigterm_at=4)
+  with pytest.raises(train.Stop, match=r'signal 15 at step 6;'):
+    train.train_and_evaluate(config, workdir)
+  monkeypatch.undo()
+  assert [r['epoch'] for r in workdir_lib.read_history(workdir)] == [1]
+  assert Checkpointer(workdir).latest_steps() == [4, 6]
+  chunks = record_chunks(monkeypatch)
+  train.train_and_evaluate(config, workdir)
+  assert steps_run(chunks) == list(range(7, 13))
+  assert_same_run(full, workdir)
+
+
 def test_nan_loss_stops_and_keeps_the_best_checkpoint(mock_tfds, tmp_path):
   config = tiny_config(tmp_path / 'tfds', epochs=2)
   workdir = str(tmp_path / 'run')

@@ -8,6 +8,7 @@ resume trains only the steps after the checkpoint it restored.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 import jax
@@ -23,13 +24,15 @@ class SimulatedCrash(RuntimeError):
   """Raised in place of a chunk of steps, as a crash mid-run."""
 
 
-def record_chunks(monkeypatch, crash_after: int | None = None
-                  ) -> list[tuple[int, int]]:
+def record_chunks(monkeypatch, crash_after: int | None = None,
+                  sigterm_at: int | None = None) -> list[tuple[int, int]]:
   """Patches every new Trainer; returns the list of chunks it trains.
 
   Each `train_chunk` call appends ``(step before the chunk, steps in it)``.
   With ``crash_after=N`` the call after the N-th raises `SimulatedCrash`
-  instead of training. ``monkeypatch.undo()`` restores the Trainer.
+  instead of training; with ``sigterm_at=S`` the chunk that starts at step
+  S gets SIGTERM (the training loop's handler is called) as it starts.
+  ``monkeypatch.undo()`` restores the Trainer.
   """
   chunks: list[tuple[int, int]] = []
   original = train.Trainer.__init__
@@ -42,6 +45,10 @@ def record_chunks(monkeypatch, crash_after: int | None = None
       if crash_after is not None and len(chunks) >= crash_after:
         raise SimulatedCrash(f'simulated crash after {crash_after} chunks')
       chunks.append((int(state.step), int(idx.shape[0])))
+      if chunks[-1][0] == sigterm_at:
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler), 'the training loop handles no SIGTERM'
+        handler(signal.SIGTERM, None)
       return chunk(state, images, labels, idx)
     self.train_chunk = recorded
 
