@@ -56,6 +56,21 @@ def test_latest_keeps_two_and_best_keeps_one(tmp_path):
   assert sorted(os.listdir(tmp_path / 'checkpoints' / 'best')) == ['3']
 
 
+def test_saving_a_step_again_replaces_it(tmp_path):
+  """A resume redoes steps after the checkpoint it restored: killed between
+  the best and the latest save of an epoch, the rerun saves that best step
+  again."""
+  config = Config()
+  first, again = _state(config), _state(config.replace(seed=5))
+  ckpt = Checkpointer(str(tmp_path))
+  ckpt.save_best(6, {'params': first.params}, {'epoch': 1})
+  ckpt.save_best(6, {'params': again.params}, {'epoch': 1, 'again': True})
+  target = {'params': first.params}
+  variables, meta = Checkpointer(str(tmp_path)).restore_best(target)
+  assert meta == {'epoch': 1, 'again': True}
+  _assert_trees_equal(variables['params'], again.params)
+
+
 def _truncate_arrays(step_dir: pathlib.Path) -> None:
   files = [f for f in (step_dir / 'state').rglob('*') if f.is_file()
            and f.parent.name == 'd']
