@@ -12,6 +12,12 @@ import pytest
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import tensorflow_datasets as tfds  # noqa: E402
+# Imported now, not on first use: a module first compiled while Orbax's
+# threads are busy (after a test restores a damaged checkpoint) can fail
+# with CPython 3.11's spurious 'AST constructor recursion depth mismatch'
+# (python/cpython#106905), and tfds.testing's modules are compiled by
+# pytest's assertion rewriting.
+from tensorflow_datasets.testing import mocking as _  # noqa: E402,F401
 
 from cnn_jax import runtime  # noqa: E402
 from cnn_jax.config import Config  # noqa: E402

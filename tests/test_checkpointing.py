@@ -14,12 +14,25 @@ from cnn_jax import models, registry, train
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.checkpointing import Checkpointer
 from cnn_jax.config import Config, CnnJaxError
-from helpers.resume import assert_same_run, record_chunks, steps_run
+from helpers.resume import (abstract_state, assert_same_run, record_chunks,
+                            steps_run)
 
 
 def _state(config: Config):
   model = registry.create_model(config, 10)
   return train.create_train_state(config, model, (28, 28, 1), 10)
+
+
+@pytest.fixture(scope='module')
+def simple_state():
+  """A SimpleCNN train state, created (and its init compiled) once."""
+  return _state(Config())
+
+
+def _shifted(state, by: float = 1.0):
+  """The state with different params (as another seed would give)."""
+  return state.replace(params=jax.tree_util.tree_map(lambda p: p + by,
+                                                     state.params))
 
 
 def _assert_trees_equal(a, b):
@@ -33,8 +46,8 @@ def test_latest_round_trip_restores_state_and_meta(tmp_path):
   state = _state(config).replace(step=7)
   ckpt = Checkpointer(str(tmp_path))
   ckpt.save_latest(7, state, {'epoch': 1, 'history': [0.5]})
-  fresh = _state(config.replace(seed=3))
-  restored, meta = Checkpointer(str(tmp_path)).restore_latest(fresh)
+  restored, meta = Checkpointer(str(tmp_path)).restore_latest(
+      abstract_state(config))
   assert int(restored.step) == 7 and meta == {'epoch': 1, 'history': [0.5]}
   _assert_trees_equal(restored.params, state.params)
   _assert_trees_equal(restored.batch_stats, state.batch_stats)
@@ -43,11 +56,12 @@ def test_latest_round_trip_restores_state_and_meta(tmp_path):
 
 
 def test_nothing_to_restore_returns_none(tmp_path):
-  assert Checkpointer(str(tmp_path)).restore_latest(_state(Config())) is None
+  target = abstract_state(Config())
+  assert Checkpointer(str(tmp_path)).restore_latest(target) is None
 
 
-def test_latest_keeps_two_and_best_keeps_one(tmp_path):
-  state = _state(Config())
+def test_latest_keeps_two_and_best_keeps_one(tmp_path, simple_state):
+  state = simple_state
   ckpt = Checkpointer(str(tmp_path))
   for step in (1, 2, 3):
     ckpt.save_latest(step, state, {})
@@ -56,12 +70,11 @@ def test_latest_keeps_two_and_best_keeps_one(tmp_path):
   assert sorted(os.listdir(tmp_path / 'checkpoints' / 'best')) == ['3']
 
 
-def test_saving_a_step_again_replaces_it(tmp_path):
+def test_saving_a_step_again_replaces_it(tmp_path, simple_state):
   """A resume redoes steps after the checkpoint it restored: killed between
   the best and the latest save of an epoch, the rerun saves that best step
   again."""
-  config = Config()
-  first, again = _state(config), _state(config.replace(seed=5))
+  first, again = simple_state, _shifted(simple_state)
   ckpt = Checkpointer(str(tmp_path))
   ckpt.save_best(6, {'params': first.params}, {'epoch': 1})
   ckpt.save_best(6, {'params': again.params}, {'epoch': 1, 'again': True})
@@ -119,12 +132,11 @@ def _files(root: pathlib.Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope='module')
-def two_saves(tmp_path_factory):
+def two_saves(tmp_path_factory, simple_state):
   """(workdir with latest steps 1 and 2, state 1, state 2), kept pristine."""
-  config = Config()
   root = tmp_path_factory.mktemp('two_saves')
-  s1 = _state(config).replace(step=1)
-  s2 = _state(config.replace(seed=9)).replace(step=2)
+  s1 = simple_state.replace(step=1)
+  s2 = _shifted(simple_state).replace(step=2)
   ckpt = Checkpointer(str(root))
   ckpt.save_latest(1, s1, {'which': 'old'})
   ckpt.save_latest(2, s2, {'which': 'new'})
@@ -143,7 +155,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(two_saves, tmp_path,
   workdir = _copy(two_saves, tmp_path)
   DAMAGE[kind](workdir / 'checkpoints' / 'latest' / '2')
   ckpt = Checkpointer(str(workdir))
-  restored, meta = ckpt.restore_latest(_state(Config()))
+  restored, meta = ckpt.restore_latest(abstract_state(Config()))
   assert meta == {'which': 'old'} and int(restored.step) == 1
   _assert_trees_equal(restored.params, two_saves[1].params)
   _assert_trees_equal(restored.opt_state, two_saves[1].opt_state)
@@ -152,7 +164,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(two_saves, tmp_path,
 
 def test_undamaged_checkpoints_restore_the_newest(two_saves, tmp_path):
   restored, meta = Checkpointer(str(_copy(two_saves, tmp_path))).restore_latest(
-      _state(Config()))
+      abstract_state(Config()))
   assert meta == {'which': 'new'} and int(restored.step) == 2
   _assert_trees_equal(restored.params, two_saves[2].params)
 
@@ -164,7 +176,7 @@ def test_every_checkpoint_unreadable_is_one_error_and_deletes_nothing(
   DAMAGE['corrupt run metadata'](workdir / 'checkpoints' / 'latest' / '1')
   before = _files(workdir)
   with pytest.raises(CnnJaxError) as info:
-    Checkpointer(str(workdir)).restore_latest(_state(Config()))
+    Checkpointer(str(workdir)).restore_latest(abstract_state(Config()))
   message = str(info.value)
   assert '\n' not in message
   assert message.startswith('no readable checkpoint among steps [1, 2] in ')
@@ -175,7 +187,7 @@ def test_every_checkpoint_unreadable_is_one_error_and_deletes_nothing(
 def test_latest_of_another_model_is_a_mismatch_not_a_fallback(two_saves,
                                                               tmp_path):
   workdir = _copy(two_saves, tmp_path)
-  other = _state(Config(width_multiplier=2.0))
+  other = abstract_state(Config(width_multiplier=2.0))
   with pytest.raises(CnnJaxError, match='does not match this model'):
     Checkpointer(str(workdir)).restore_latest(other)
   assert _files(workdir) == _files(two_saves[0])
@@ -242,10 +254,10 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_save_on_a_full_disk_is_refused_and_keeps_saved_steps(tmp_path,
-                                                              monkeypatch):
+                                                              monkeypatch,
+                                                              simple_state):
   from cnn_jax import checkpointing
-  config = Config()
-  state = _state(config)
+  state = simple_state
   ckpt = Checkpointer(str(tmp_path))
   ckpt.save_latest(1, state.replace(step=1), {'n': 1})
   monkeypatch.setattr(checkpointing, 'free_bytes', lambda path: 100_000)
@@ -259,9 +271,10 @@ def test_save_on_a_full_disk_is_refused_and_keeps_saved_steps(tmp_path,
 
 
 def test_storage_errors_from_orbax_become_one_clear_line(tmp_path,
-                                                         monkeypatch):
+                                                         monkeypatch,
+                                                         simple_state):
   import orbax.checkpoint as ocp
-  state = _state(Config())
+  state = simple_state
   ckpt = Checkpointer(str(tmp_path))
   ckpt.save_latest(1, state.replace(step=1), {})
   # What TensorStore raised here when a tmpfs filled up during a save.

@@ -61,19 +61,27 @@ def steps_run(chunks: list[tuple[int, int]]) -> list[int]:
   return [start + i + 1 for start, n in chunks for i in range(n)]
 
 
+def abstract_state(config: Config) -> Any:
+  """The TrainState's shapes and dtypes on one device, as a restore target.
+
+  Nothing is initialized or compiled (creating a real state compiles the
+  model's init, seconds on CPU).
+  """
+  model = registry.create_model(config, 10)
+  on_one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_one_device),
+      jax.eval_shape(lambda: train.create_train_state(config, model,
+                                                      (28, 28, 1), 1)))
+
+
 def final_state(workdir: str) -> tuple[Any, dict[str, Any]]:
   """(train state, meta) of the newest readable latest checkpoint."""
   config = Config.from_dict(workdir_lib.read_json(
       os.path.join(workdir, workdir_lib.CONFIG)))
-  model = registry.create_model(config, 10)
-  on_one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree_util.tree_map(  # Shapes only: nothing to compile.
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_one_device),
-      jax.eval_shape(lambda: train.create_train_state(config, model,
-                                                      (28, 28, 1), 1)))
   ckpt = Checkpointer(workdir)
   try:
-    return ckpt.restore_latest(target)
+    return ckpt.restore_latest(abstract_state(config))
   finally:
     ckpt.close()
 
