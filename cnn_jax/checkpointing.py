@@ -127,6 +127,10 @@ class Checkpointer:
       raise _write_error(self.root, OSError(
           28, f'No space left on device ({_mb(free)} free, a checkpoint '
           f'needs up to {_mb(nbytes)})'), saved)
+    if step in saved:  # Unreadable, so a resume fell back past it: redone.
+      logging.warning('replacing checkpoint %d in %s', step, manager.directory)
+      manager.delete(step)
+      saved.remove(step)
     try:
       manager.save(step, args=args, force=True)
       manager.wait_until_finished()
@@ -141,23 +145,29 @@ class Checkpointer:
                tree_bytes(state))
 
   def restore_latest(self, target: Any) -> tuple[Any, dict[str, Any]] | None:
-    """Newest readable (state, meta), falling back past corrupt ones."""
+    """Newest readable (state, meta), falling back past corrupt ones.
+
+    A shape or structure error is a different model only when no older
+    checkpoint restores either: a damaged newest one (missing metadata)
+    raises the same errors.
+    """
     steps = self.latest_steps()
+    mismatches = []
     for step in reversed(steps):
       try:
         out = self._latest.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(_abstract(target)),
             meta=ocp.args.JsonRestore()))
         return out['state'], out['meta']
-      except (ValueError, TypeError) as e:
-        if 'shape' in str(e).lower() or 'structure' in str(e).lower():
-          raise _mismatch(self.root, e) from e
-        logging.warning('latest checkpoint %d is unreadable (%s); trying an '
-                        'older one', step, ' '.join(str(e).split())[:200])
       except Exception as e:  # Truncated/corrupt files: fall back.
+        if isinstance(e, (ValueError, TypeError)) and (
+            'shape' in str(e).lower() or 'structure' in str(e).lower()):
+          mismatches.append(e)
         logging.warning('latest checkpoint %d is unreadable (%s: %s); trying '
                         'an older one', step, type(e).__name__,
                         ' '.join(str(e).split())[:200])
+    if steps and len(mismatches) == len(steps):
+      raise _mismatch(self.root, mismatches[0]) from mismatches[0]
     if steps:
       raise CnnJaxError(f'no readable checkpoint among steps {steps} in '
                         f'{self.root}/latest; remove it to start over')

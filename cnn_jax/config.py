@@ -161,11 +161,12 @@ def validate(config: Config) -> Config:
   for name in ('val_examples', 'train_examples', 'test_examples',
                'dense_features', 'checkpoint_every_steps', 'warmup_epochs',
                'weight_decay', 'grad_clip_norm', 'aug_max_shift',
-               'aug_max_rotation', 'aug_max_scale'):
+               'aug_max_rotation'):
     v = getattr(config, name)
     if not (v >= 0 and math.isfinite(v)):
       bad(f'--{name} must be >= 0, got {v}')
-  for name in ('dropout_rate', 'label_smoothing', 'momentum'):
+  for name in ('dropout_rate', 'label_smoothing', 'momentum',
+               'aug_max_scale'):  # A zoom of 1 could scale by 0 or flip.
     v = getattr(config, name)
     if not 0 <= v < 1:
       bad(f'--{name} must be in [0, 1), got {v}')

@@ -450,6 +450,11 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         k: np.asarray(jax.device_get(v)).tolist() for k, v in sums.items()}
     ckpt.save_latest(step, state, meta)
 
+  def stopped_at(step: int, signum: int | None) -> str:
+    by = signum or 'to another process'
+    return (f'stopped by signal {by} at step {step}; latest state saved, '
+            're-run the same command to resume')
+
   step = state_step(state)
   with _stop_on_signals() as stop:
     while step < total_steps:
@@ -484,11 +489,11 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
                        total_steps, float((loss_sum / count).mean()),
                        100 * float((host['correct'] / count).mean()),
                        chunk * config.batch_size * n_members / dt)
-        if distributed.any_process(stop['signal'] is not None):
+        # An epoch's last chunk stops after the epoch's validation below.
+        if start + chunk < steps_per_epoch and distributed.any_process(
+            stop['signal'] is not None):
           save_latest(step, sums)
-          by = stop['signal'] or 'to another process'
-          raise Stop(f'stopped by signal {by} at step {step}; '
-                     'latest state saved, re-run the same command to resume')
+          raise Stop(stopped_at(step, stop['signal']))
         if (config.checkpoint_every_steps and start + chunk < steps_per_epoch
             and step % config.checkpoint_every_steps == 0):
           save_latest(step, sums)
@@ -526,6 +531,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
                      for b in meta['members']]
           ckpt.save_best(step, best_vars, {'step': step, 'members': members})
       save_latest(step, None)
+      if distributed.any_process(stop['signal'] is not None):
+        raise Stop(stopped_at(step, stop['signal']))
   metrics_out.close()
 
   best, best_meta = ckpt.restore_best(variables_of(state))

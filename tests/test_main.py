@@ -1,16 +1,20 @@
-"""The command line: flag errors, an end-to-end run, eval mode, real data."""
+"""The command line: flag errors, an end-to-end run, every mode as users run
+it (exit statuses), real data."""
 
 import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 
 from absl import flags
 from absl.testing import flagsaver
+import numpy as np
 import pytest
 
 from cnn_jax import main as cli
-from conftest import REPO, real_tfds_dir
+from conftest import REPO
 
 
 def _cli(*args, env=None, timeout=120):
@@ -98,19 +102,123 @@ def test_analyze_compare_without_a_run_is_one_line(trained_simple, tmp_path):
       'another trained run')
 
 
+# Test accuracy of this exact command (32 steps of SimpleCNN on 4,096 real
+# images, 2 XLA host devices) measured at a749853 for seeds 0-4: 0.8965,
+# 0.8965, 0.903, 0.919, 0.901; seed 0 also 0.8965 on 1 and on 4 devices.
+# Chance is 0.10; a broken optimizer, schedule or input pipeline ends far
+# below the floor.
+REAL_MNIST_FLOOR = 0.88
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(real_tfds_dir() is None, reason='real MNIST not present')
-def test_trains_on_real_mnist_well_above_chance(tmp_path):
+def test_trains_on_real_mnist_above_its_measured_floor(tmp_path,
+                                                       real_mnist_dir):
   workdir = tmp_path / 'real'
-  result = _cli(f'--workdir={workdir}', f'--tfds_data_dir={real_tfds_dir()}',
+  result = _cli(f'--workdir={workdir}', f'--tfds_data_dir={real_mnist_dir}',
                 '--nodownload', '--epochs=1', '--train_examples=4096',
                 '--val_examples=1000', '--test_examples=2000',
                 '--learning_rate=3e-3', '--log_every_steps=8', timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   results = json.loads((workdir / 'results.json').read_text())
-  assert results['test_examples'] == 2000
-  assert results['test_accuracy'] > 0.85, results
+  assert results['test_examples'] == 2000 and results['steps'] == 32
+  assert results['test_accuracy'] > REAL_MNIST_FLOOR, results
   # Eval mode restores the best params and reproduces the test accuracy.
   again = _cli('--mode=eval', f'--workdir={workdir}')
   assert again.returncode == 0, again.stderr[-2000:]
   assert json.loads(again.stdout)['test_accuracy'] == results['test_accuracy']
+
+
+# The other modes as users run them. predict and export need only the
+# workdir, so they run without $TFDS_DATA_DIR; analyze reads the test split
+# (mock MNIST here, through tests/helpers/mock_main.py, the same entry point).
+MOCK_MAIN = str(REPO / 'tests' / 'helpers' / 'mock_main.py')
+
+
+def _run(*args: str, mock_data: bool = False,
+         timeout: float = 180) -> subprocess.CompletedProcess:
+  env = {k: v for k, v in os.environ.items() if k != 'TFDS_DATA_DIR'}
+  argv = [MOCK_MAIN] if mock_data else ['-m', 'cnn_jax.main']
+  return subprocess.run([sys.executable, *argv, *args], capture_output=True,
+                        text=True, cwd=REPO, timeout=timeout, env=env)
+
+
+def _assert_one_error_line(result: subprocess.CompletedProcess,
+                           message: str) -> None:
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+  errors = [line for line in result.stderr.splitlines()
+            if line.startswith('error:')]
+  assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == errors[0]
+
+
+@pytest.fixture(scope='module')
+def run_copy(trained_simple, tmp_path_factory) -> pathlib.Path:
+  """A copy of the tiny trained run, for modes that write into it."""
+  copy = tmp_path_factory.mktemp('cli') / 'run'
+  shutil.copytree(trained_simple[1], copy)
+  return copy
+
+
+def test_predict_exits_2_when_some_inputs_fail_and_0_when_none(run_copy,
+                                                              tmp_path):
+  from PIL import Image
+  from helpers.images import draw_seven
+  seven, bad, missing = (tmp_path / n for n in ('seven.png', 'bad.png',
+                                                'missing.png'))
+  draw_seven().save(seven)
+  bad.write_bytes(b'not a png' * 50)
+  np.save(tmp_path / 'two.npy', np.stack(
+      [np.asarray(draw_seven().resize((28, 28), Image.Resampling.BOX))] * 2))
+
+  some = _run('--mode=predict', f'--workdir={run_copy}', str(seven), str(bad),
+              str(missing))
+  assert some.returncode == 2, some.stderr[-2000:]
+  assert 'Traceback' not in some.stderr
+  out = some.stdout.splitlines()
+  assert len(out) == 1 and out[0].startswith(f'{seven}: ')
+  assert [line.split(': error: ')[0] for line in some.stderr.splitlines()
+          if ': error: ' in line] == [str(bad), str(missing)]
+  assert '2 of 3 inputs could not be classified' in some.stderr
+
+  good = _run('--mode=predict', f'--workdir={run_copy}', '--json',
+              str(seven), str(tmp_path / 'two.npy'))
+  assert good.returncode == 0, good.stderr[-2000:]
+  records = [json.loads(line) for line in good.stdout.splitlines()]
+  assert [r['path'] for r in records] == [
+      str(seven), f'{tmp_path / "two.npy"}[0]', f'{tmp_path / "two.npy"}[1]']
+  assert all(len(r['probabilities']) == 10 for r in records)
+  assert records[1]['probabilities'] == records[2]['probabilities']
+
+
+def test_export_writes_the_serving_artifact_without_tfds(run_copy):
+  result = _run('--mode=export', f'--workdir={run_copy}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == f'exported: {run_copy / "export"}'
+  signature = json.loads((run_copy / 'export' / 'signature.json').read_text())
+  assert signature['model'] == 'simple_cnn'
+  assert (run_copy / 'export' / 'model.stablehlo').stat().st_size > 0
+
+
+def test_analyze_writes_the_report(run_copy):
+  result = _run('--mode=analyze', f'--workdir={run_copy}',
+                '--analysis_examples=0,5', mock_data=True)
+  assert result.returncode == 0, result.stderr[-2000:]
+  index = run_copy / 'analysis' / 'index.html'
+  assert result.stdout.strip() == f'analysis written: {index}'
+  assert '<img' in index.read_text()
+
+
+@pytest.mark.parametrize('mode,workdir,args,message', [
+    ('predict', 'missing', ['x.png'], 'no run found in --workdir='),
+    ('export', 'empty', [], 'no run found in --workdir='),
+    ('predict', 'run', ['--top_k=0', 'x.png'],
+     '--top_k must be a positive integer, got 0'),
+    ('analyze', 'missing', [], 'no run found in --workdir='),
+])
+def test_mode_user_errors_exit_1_with_one_error_line(run_copy, tmp_path, mode,
+                                                     workdir, args, message):
+  workdir = {'missing': tmp_path / 'nothing', 'empty': tmp_path,
+             'run': run_copy}[workdir]
+  result = _run(f'--mode={mode}', f'--workdir={workdir}', *args)
+  _assert_one_error_line(result, message)

@@ -1,4 +1,7 @@
-"""Predicting on users' own files: MNIST-style preprocessing, output."""
+"""Predicting on users' own files: reading, classifying, output.
+
+The MNIST-style preprocessing itself is tested in test_preprocess_image.py.
+"""
 
 from __future__ import annotations
 
@@ -11,39 +14,12 @@ import zlib
 import jax
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from cnn_jax import input_pipeline, predict, registry
-from cnn_jax.config import Config, CnnJaxError
-from cnn_jax.preprocess_image import PreprocessError, mnist_style, to_unit_range
-from conftest import real_tfds_dir
-
-
-# Fixture images, drawn here rather than committed. ---------------------------
-def draw_seven(size=(300, 220), ink=0, paper=255, offset=(0, 0),
-               mode='L') -> Image.Image:
-  """A thick '7' on a plain canvas."""
-  img = Image.new(mode, size, paper)
-  dx, dy = offset
-  ImageDraw.Draw(img).line([(90 + dx, 40 + dy), (190 + dx, 40 + dy),
-                            (120 + dx, 190 + dy)], fill=ink, width=14)
-  return img
-
-
-def gray(img: Image.Image) -> np.ndarray:
-  return np.asarray(img.convert('L'), np.float32) / 255.0
-
-
-def bbox(image: np.ndarray, level: int = 64) -> tuple[int, int]:
-  rows = np.flatnonzero((image > level).any(1))
-  cols = np.flatnonzero((image > level).any(0))
-  return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
-
-
-def center_of_mass(image: np.ndarray) -> tuple[float, float]:
-  ys, xs = np.indices(image.shape)
-  total = image.sum()
-  return (ys * image).sum() / total, (xs * image).sum() / total
+from cnn_jax import predict, registry
+from cnn_jax.config import CnnJaxError
+from cnn_jax.preprocess_image import mnist_style
+from helpers.images import draw_seven
 
 
 def png_header_only(path: pathlib.Path, width: int, height: int) -> None:
@@ -57,83 +33,13 @@ def png_header_only(path: pathlib.Path, width: int, height: int) -> None:
 
 
 @pytest.fixture(scope='module')
-def real_mnist() -> np.ndarray:
-  """The first 64 real MNIST test images, uint8 [64, 28, 28]."""
-  data_dir = real_tfds_dir()
-  if data_dir is None:
-    pytest.skip('real MNIST is not prepared')
-  config = Config(tfds_data_dir=data_dir, download=False, test_examples=64)
-  return input_pipeline.load(config, splits=('test',)).test.images[..., 0]
-
-
-@pytest.fixture(scope='module')
 def classifier(trained_simple) -> predict.Classifier:
   """The tiny trained run, restored once for this module."""
   config, workdir = trained_simple
   return predict.Classifier.restore(config, workdir)
 
 
-# Preprocessing ------------------------------------------------------------
-def test_to_unit_range_accepts_8bit_and_unit_floats():
-  levels = np.array([[0, 51, 255]], np.uint8)
-  np.testing.assert_allclose(to_unit_range(levels), [[0, 0.2, 1]], atol=1e-6)
-  np.testing.assert_allclose(to_unit_range(levels / 255.0), [[0, 0.2, 1]],
-                             atol=1e-6)
-  np.testing.assert_allclose(to_unit_range(levels.astype(np.float64)),
-                             [[0, 0.2, 1]], atol=1e-6)
-  np.testing.assert_array_equal(to_unit_range(np.array([[0, 1]])), [[0, 1]])
-  for bad in (np.array([[-1.0, 0.5]]), np.array([[0, 300]]),
-              np.array([[np.nan, 0.5]]), np.array([['a', 'b']])):
-    with pytest.raises(PreprocessError):
-      to_unit_range(bad)
-
-
-def test_dark_on_light_digit_is_inverted_fitted_and_centred():
-  page = Image.new('L', (500, 400), 230)  # Grey paper, a '0' off-centre.
-  ImageDraw.Draw(page).ellipse([(60, 40), (180, 240)], outline=20, width=16)
-  out = mnist_style(gray(page))
-  assert out.shape == (28, 28) and out.dtype == np.uint8
-  # Light digit on a black background, as MNIST.
-  assert out[:3].max() == out[-3:].max() == out[:, :3].max() == 0
-  assert out.max() == 255
-  # Longest side fills the 20-pixel box; centre of mass at the centre.
-  assert max(bbox(out)) == 20
-  cy, cx = center_of_mass(out.astype(np.float64))
-  assert abs(cy - 14) <= 0.75 and abs(cx - 14) <= 0.75
-
-
-def test_lopsided_digit_is_moved_rather_than_cut():
-  out = mnist_style(gray(draw_seven(size=(500, 400), offset=(-60, -30))))
-  assert max(bbox(out)) in (20, 21)  # 20 up to anti-aliasing.
-  border = np.concatenate([out[0], out[-1], out[:, 0], out[:, -1]])
-  assert border.max() == 0
-
-
-def test_aspect_ratio_is_kept():
-  canvas = np.zeros((400, 300), np.float32)
-  canvas[50:350, 140:170] = 1.0  # A 300x30 stroke: a '1'.
-  h, w = bbox(mnist_style(canvas))
-  assert h == 20 and w <= 3
-
-
-def test_polarity_does_not_matter():
-  img = gray(draw_seven())
-  diff = mnist_style(img).astype(int) - mnist_style(1.0 - img).astype(int)
-  assert np.abs(diff).max() <= 1
-
-
-def test_preprocessing_an_mnist_style_input_changes_nothing():
-  once = mnist_style(gray(draw_seven(size=(640, 480))))
-  twice = mnist_style(once / 255.0)
-  assert np.abs(once.astype(int) - twice.astype(int)).max() <= 1
-
-
-def test_blank_image_is_rejected():
-  for level in (0.0, 1.0, 0.5):
-    with pytest.raises(PreprocessError, match='blank'):
-      mnist_style(np.full((40, 30), level, np.float32))
-
-
+# Reading and preprocessing ------------------------------------------------
 def test_transparent_canvas_reads_like_white_paper(tmp_path):
   on_white = draw_seven()
   rgba = draw_seven(mode='RGBA', ink=(0, 0, 0, 255), paper=(0, 0, 0, 0))
@@ -144,14 +50,6 @@ def test_transparent_canvas_reads_like_white_paper(tmp_path):
   assert [it.error for it in items] == [None, None]
   diff = items[0].image.astype(int) - items[1].image.astype(int)
   assert np.abs(diff).max() <= 2
-
-
-def test_real_mnist_images_pass_through_unchanged(real_mnist):
-  out = np.stack([mnist_style(im / 255.0) for im in real_mnist])
-  diff = np.abs(out.astype(int) - real_mnist.astype(int)).max(axis=(1, 2))
-  assert np.mean(diff <= 1) >= 0.95
-  for o, im in zip(out, real_mnist):
-    assert np.corrcoef(o.ravel(), im.ravel())[0, 1] > 0.99
 
 
 def test_real_mnist_classified_the_same_after_preprocessing(real_mnist,

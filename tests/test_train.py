@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,8 @@ from cnn_jax import workdir as workdir_lib
 from cnn_jax.checkpointing import Checkpointer
 from cnn_jax.config import Config, CnnJaxError
 from conftest import tiny_config
+from helpers.resume import (assert_same_run, final_state, record_chunks,
+                            steps_run)
 
 
 def _state_and_batch(model_name: str, **kw):
@@ -47,36 +50,147 @@ def test_deep_cnn_train_step_updates_batch_stats():
                          state.batch_stats['bn1_1']['mean'])
 
 
-def test_augmentation_changes_images_but_keeps_shapes():
-  from cnn_jax import augment
-  x = jnp.zeros((4, 28, 28, 1)).at[:, 10:18, 12:16, :].set(1.0)
-  y = augment.random_affine(jax.random.PRNGKey(0), x, 3.0, 15.0, 0.1)
-  assert y.shape == x.shape
-  assert not np.allclose(y, x)
-  assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0 + 1e-6
-  # Mass is roughly preserved by a small warp (nothing falls off the image).
-  np.testing.assert_allclose(y.sum((1, 2, 3)), x.sum((1, 2, 3)), rtol=0.35)
-  z = augment.random_affine(jax.random.PRNGKey(0), x, 0.0, 0.0, 0.0)
-  np.testing.assert_allclose(z, x, atol=1e-5)
+LR = 0.1
 
 
-@pytest.mark.parametrize('optimizer', ['adam', 'adamw', 'sgd', 'nesterov',
-                                       'rmsprop'])
-@pytest.mark.parametrize('schedule', ['constant', 'cosine', 'onecycle', 'step'])
-def test_every_optimizer_and_schedule_builds_and_steps(optimizer, schedule):
-  config = Config(optimizer=optimizer, lr_schedule=schedule, epochs=4,
-                  warmup_epochs=1.0, weight_decay=1e-4, grad_clip_norm=1.0)
-  sched = train.make_schedule(config, 10)
-  values = np.array([float(sched(s)) for s in range(40)])
-  assert values.max() <= config.learning_rate * (1 + 1e-6)
-  assert values.min() >= 0
-  if schedule in ('cosine', 'onecycle'):
-    assert values[-1] < 0.05 * config.learning_rate
+def _optimizer_updates(config: Config, grads: list, params: dict) -> list:
+  """The chain's updates for a sequence of gradients, params moving."""
   tx = train.make_optimizer(config, 10)
-  params = {'w': jnp.ones((3, 3)), 'b': jnp.ones(3)}
-  updates, _ = tx.update(jax.tree_util.tree_map(jnp.ones_like, params),
-                         tx.init(params), params)
-  assert all(np.isfinite(u).all() for u in jax.tree_util.tree_leaves(updates))
+  opt_state = tx.init(params)
+  out = []
+  for g in grads:
+    updates, opt_state = tx.update(g, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    out.append(updates)
+  return out
+
+
+@pytest.mark.parametrize('optimizer,momentum,factors', [
+    ('sgd', 0.0, [1, 1, 1]),  # u = -lr g
+    ('sgd', 0.5, [1, 1.5, 1.75]),  # v = m v + g; u = -lr v
+    ('nesterov', 0.5, [1.5, 1.75, 1.875]),  # u = -lr (g + m v)
+])
+def test_momentum_and_nesterov_follow_their_update_rules(optimizer, momentum,
+                                                         factors):
+  config = Config(optimizer=optimizer, momentum=momentum, learning_rate=LR)
+  params = {'kernel': jnp.zeros((2, 2)), 'bias': jnp.zeros(2)}
+  grads = [jax.tree_util.tree_map(jnp.ones_like, params)] * 3
+  updates = _optimizer_updates(config, grads, params)
+  for u, factor in zip(updates, factors):
+    for leaf in jax.tree_util.tree_leaves(u):
+      np.testing.assert_allclose(leaf, -LR * factor, rtol=1e-6)
+
+
+def _textbook_updates(optimizer: str, grads: list[np.ndarray], p: np.ndarray,
+                      decayed: bool, momentum: float, weight_decay: float
+                      ) -> list[np.ndarray]:
+  """One leaf's updates by the published formulas, in float64."""
+  b1, b2, eps, rms_decay = 0.9, 0.999, 1e-8, 0.9
+  m = v = np.zeros_like(p)
+  out = []
+  for t, g in enumerate(grads, 1):
+    if optimizer in ('adam', 'adamw'):
+      m = b1 * m + (1 - b1) * g
+      v = b2 * v + (1 - b2) * g * g
+      step = (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+      if optimizer == 'adamw' and decayed:
+        step = step + weight_decay * p  # Decoupled: not through Adam.
+      u = -LR * step
+    elif optimizer == 'rmsprop':
+      v = rms_decay * v + (1 - rms_decay) * g * g
+      m = momentum * m - LR * g / np.sqrt(v + eps)
+      u = m
+    else:  # sgd with momentum, nesterov.
+      m = momentum * m + g
+      u = -LR * (g + momentum * m if optimizer == 'nesterov' else m)
+    p = p + u
+    out.append(u)
+  return out
+
+
+@pytest.mark.parametrize('optimizer,momentum,weight_decay', [
+    ('sgd', 0.9, 0.0), ('nesterov', 0.9, 0.0), ('adam', 0.9, 0.0),
+    ('adamw', 0.9, 0.05), ('rmsprop', 0.0, 0.0), ('rmsprop', 0.9, 0.0)])
+def test_every_optimizer_matches_its_textbook_update(optimizer, momentum,
+                                                     weight_decay):
+  config = Config(optimizer=optimizer, momentum=momentum,
+                  weight_decay=weight_decay, learning_rate=LR)
+  rng = np.random.default_rng(0)
+  params = {'kernel': rng.normal(size=(3, 2)), 'bias': rng.normal(size=2)}
+  grads = [{k: rng.normal(size=v.shape) for k, v in params.items()}
+           for _ in range(4)]
+  as_f32 = lambda tree: jax.tree_util.tree_map(jnp.float32, tree)
+  got = _optimizer_updates(config, [as_f32(g) for g in grads],
+                           as_f32(params))
+  for name, p in params.items():
+    want = _textbook_updates(optimizer, [g[name] for g in grads], p,
+                             decayed=name == 'kernel', momentum=momentum,
+                             weight_decay=weight_decay)
+    for t, (u, w) in enumerate(zip(got, want)):
+      np.testing.assert_allclose(u[name], w, rtol=2e-5, atol=1e-7,
+                                 err_msg=f'{name} step {t}')
+
+
+def _schedule(name: str, warmup_epochs: float = 0.0) -> np.ndarray:
+  """Learning rates at steps 0..40 of 4 epochs of 10 steps."""
+  config = Config(lr_schedule=name, epochs=4, warmup_epochs=warmup_epochs,
+                  learning_rate=LR)
+  sched = train.make_schedule(config, 10)
+  return np.array([float(sched(s)) for s in range(41)])
+
+
+def test_constant_and_step_schedules_and_their_warmup():
+  steps = np.arange(41)
+  np.testing.assert_allclose(_schedule('constant'), LR)
+  # Step: x0.1 from 50% (step 20) and again from 75% (step 30) of training.
+  step = np.where(steps < 20, LR, np.where(steps < 30, LR / 10, LR / 100))
+  np.testing.assert_allclose(_schedule('step'), step, rtol=1e-6)
+  # Warm-up: linear from 0 to the peak at warmup_epochs * steps_per_epoch
+  # (step 10), then the schedule at the same absolute steps as without it.
+  ramp = LR * steps / 10
+  np.testing.assert_allclose(_schedule('constant', 1.0),
+                             np.where(steps < 10, ramp, LR), rtol=1e-6,
+                             atol=1e-9)
+  np.testing.assert_allclose(_schedule('step', 1.0),
+                             np.where(steps < 10, ramp, step), rtol=1e-6,
+                             atol=1e-9)
+
+
+@pytest.mark.parametrize('warmup', [0, 10])
+def test_cosine_schedule_warms_up_then_decays_to_zero(warmup):
+  steps = np.arange(41)
+  decay = 0.5 * LR * (1 + np.cos(np.pi * (steps - warmup) / (40 - warmup)))
+  want = np.where(steps < warmup, LR * steps / max(warmup, 1), decay)
+  got = _schedule('cosine', warmup / 10)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
+  assert got[warmup] == pytest.approx(LR) and got[-1] == pytest.approx(0.0)
+  assert got[0] == pytest.approx(0.0 if warmup else LR)
+
+
+@pytest.mark.parametrize('warmup_epochs,peak_step', [(0.0, 10), (2.0, 20)])
+def test_onecycle_peaks_at_the_warmup_end(warmup_epochs, peak_step):
+  got = _schedule('onecycle', warmup_epochs)  # Default warm-up: 25%.
+  assert int(np.argmax(got)) == peak_step
+  assert got[peak_step] == pytest.approx(LR)
+  assert got[0] == pytest.approx(LR / 25)  # optax's div_factor.
+  assert got[-1] == pytest.approx(LR / 25 / 1e4)  # And final_div_factor.
+  assert np.all(np.diff(got[:peak_step + 1]) > 0)
+  assert np.all(np.diff(got[peak_step:]) < 0)
+
+
+def test_grad_clip_norm_limits_the_global_norm_only_when_above():
+  config = Config(optimizer='sgd', momentum=0.0, grad_clip_norm=1.0,
+                  learning_rate=LR)
+  params = {'kernel': jnp.zeros((2, 2)), 'bias': jnp.zeros(2)}
+  big = {'kernel': jnp.array([[3.0, 0.0], [0.0, 0.0]]),
+         'bias': jnp.array([0.0, 4.0])}  # Global norm 5.
+  small = jax.tree_util.tree_map(lambda g: g / 10, big)  # Norm 0.5.
+  (clipped,), (kept,) = (_optimizer_updates(config, [g], params)
+                         for g in (big, small))
+  assert float(optax.global_norm(clipped)) == pytest.approx(LR * 1.0)
+  for name in params:
+    np.testing.assert_allclose(clipped[name], -LR * big[name] / 5, rtol=1e-6)
+    np.testing.assert_allclose(kept[name], -LR * small[name], rtol=1e-6)
 
 
 def test_weight_decay_skips_biases():
@@ -132,13 +246,6 @@ def test_is_better_follows_the_chosen_metric():
                          {'best_epoch': -1, 'best_val_accuracy': -1.0})
 
 
-def _params_of(workdir: str, config: Config):
-  model = registry.create_model(config, 10)
-  target = train.create_train_state(config, model, (28, 28, 1), 1)
-  state, meta = Checkpointer(workdir).restore_latest(target)
-  return state, meta
-
-
 def test_same_seed_gives_identical_runs_and_other_seed_differs(mock_tfds,
                                                                tmp_path):
   config = tiny_config(tmp_path / 'tfds', model='deep_cnn', augment=True,
@@ -152,41 +259,43 @@ def test_same_seed_gives_identical_runs_and_other_seed_differs(mock_tfds,
   assert a['test_loss'] != c['test_loss']
 
 
-def test_interrupted_run_resumes_to_the_same_params(mock_tfds, tmp_path,
-                                                    monkeypatch):
-  config = tiny_config(tmp_path / 'tfds', epochs=2, log_every_steps=2,
-                       checkpoint_every_steps=2)
-  full = train.train_and_evaluate(config, str(tmp_path / 'full'))
+def test_interrupted_run_resumes_from_its_checkpoint_to_the_same_state(
+    interrupted_simple, mock_tfds, tmp_path, monkeypatch):
+  """A crash in epoch 2; the rerun trains only the steps after step 10.
 
-  calls = {'n': 0}
-  original = train.Trainer.__init__
+  DeepCNN (batch norm, dropout, augmentation) on 2 devices resumes in
+  tests/test_preemption.py.
+  """
+  config, full, crashed, crashed_steps = interrupted_simple
+  assert crashed_steps == list(range(1, 11))
+  resumed = str(tmp_path / 'resumed')
+  shutil.copytree(crashed, resumed)
+  state, meta = final_state(resumed)
+  assert int(state.step) == 10 and meta['sums'] is not None  # Mid-epoch.
+  assert not os.path.exists(os.path.join(resumed, 'results.json'))
 
-  def crashing_init(self, *a, **kw):
-    original(self, *a, **kw)
-    chunk = self.train_chunk
+  chunks = record_chunks(monkeypatch)
+  train.train_and_evaluate(config, resumed)
+  assert steps_run(chunks) == [11, 12]
+  assert_same_run(full, resumed)
 
-    def crash_after_five(*args):
-      calls['n'] += 1
-      if calls['n'] > 5:
-        raise RuntimeError('simulated crash')
-      return chunk(*args)
-    self.train_chunk = crash_after_five
 
-  monkeypatch.setattr(train.Trainer, '__init__', crashing_init)
-  with pytest.raises(RuntimeError, match='simulated crash'):
-    train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  monkeypatch.setattr(train.Trainer, '__init__', original)
-  saved_step = max(Checkpointer(str(tmp_path / 'resumed')).latest_steps())
-  assert 0 < saved_step < full['steps']
-  resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  assert resumed['test_loss'] == full['test_loss']
-  assert workdir_lib.read_history(str(tmp_path / 'resumed')) [-1]['train_loss'] == \
-      workdir_lib.read_history(str(tmp_path / 'full'))[-1]['train_loss']
-  a, _ = _params_of(str(tmp_path / 'full'), config)
-  b, _ = _params_of(str(tmp_path / 'resumed'), config)
-  for x, y in zip(jax.tree_util.tree_leaves(a.params),
-                  jax.tree_util.tree_leaves(b.params)):
-    np.testing.assert_array_equal(x, y)
+def test_stop_signal_in_an_epochs_last_chunk_still_ends_that_epoch(
+    interrupted_simple, mock_tfds, tmp_path, monkeypatch):
+  """SIGTERM during steps 5-6, the end of epoch 1: the epoch is validated
+  and its best params saved before stopping, so the rerun matches too."""
+  config, full, _, _ = interrupted_simple
+  workdir = str(tmp_path / 'run')
+  record_chunks(monkeypatch, sigterm_at=4)
+  with pytest.raises(train.Stop, match=r'signal 15 at step 6;'):
+    train.train_and_evaluate(config, workdir)
+  monkeypatch.undo()
+  assert [r['epoch'] for r in workdir_lib.read_history(workdir)] == [1]
+  assert Checkpointer(workdir).latest_steps() == [4, 6]
+  chunks = record_chunks(monkeypatch)
+  train.train_and_evaluate(config, workdir)
+  assert steps_run(chunks) == list(range(7, 13))
+  assert_same_run(full, workdir)
 
 
 def test_nan_loss_stops_and_keeps_the_best_checkpoint(mock_tfds, tmp_path):
@@ -279,7 +388,9 @@ def test_real_full_disk_errors_clearly_and_keeps_saved_work(mock_tfds,
   monkeypatch.undo()
   assert Checkpointer(workdir).latest_steps() == [2]
   ballast.unlink()
-  results = train.train_and_evaluate(config, workdir)  # Resumes and ends.
+  chunks = record_chunks(monkeypatch)
+  results = train.train_and_evaluate(config, workdir)
+  assert steps_run(chunks) == list(range(3, 13))  # Resumed from step 2.
   assert results['steps'] == 12
   assert [r['epoch'] for r in workdir_lib.read_history(workdir)] == [1, 2]
 
@@ -290,10 +401,14 @@ def test_batch_larger_than_train_set_is_an_error(mock_tfds, tmp_path):
                              str(tmp_path / 'run'))
 
 
-def test_label_smoothing_raises_loss_of_confident_predictions():
-  logits = jnp.array([[20.0, 0.0, 0.0]])
-  labels = jnp.array([0])
-  plain, _ = losses.loss_and_metrics(logits, labels, 3)
-  smooth, _ = losses.loss_and_metrics(logits, labels, 3, label_smoothing=0.1)
-  assert float(smooth) > float(plain)
-  assert optax  # The loss is optax's softmax cross-entropy.
+def test_label_smoothing_is_cross_entropy_against_smoothed_targets():
+  logits = jnp.array([[20.0, 0.0, 0.0], [1.0, 2.0, 0.5]])
+  labels = jnp.array([0, 2])
+  log_p = np.asarray(jax.nn.log_softmax(logits))
+  for a in (0.0, 0.1):
+    targets = np.eye(3)[np.asarray(labels)] * (1 - a) + a / 3
+    loss, m = losses.loss_and_metrics(logits, labels, 3, label_smoothing=a)
+    want = -(targets * log_p).sum(1)
+    assert float(loss) == pytest.approx(want.mean(), rel=1e-6)
+    assert float(m['loss_sum']) == pytest.approx(want.sum(), rel=1e-6)
+    assert int(m['correct']) == 1 and int(m['count']) == 2

@@ -1,0 +1,163 @@
+"""Augmentation: bounded by its flags, new per image and step, training only.
+
+The sampled shift, rotation and zoom are read back from where a small
+Gaussian blob lands: warps about the image centre move a blob at the centre
+by the shift alone, and turn/scale a blob off the centre by the rotation and
+zoom.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cnn_jax import augment, input_pipeline, registry, train
+from cnn_jax.config import Config
+
+N = 64  # Images per batch: enough draws to come near each bound.
+CENTER = 13.5  # Of a 28x28 image, as `augment` rotates and zooms about it.
+
+
+def _blobs(dy: float = 0.0, dx: float = 0.0, sigma: float = 1.5) -> jax.Array:
+  """N copies of a Gaussian blob at (CENTER + dy, CENTER + dx), NHWC."""
+  yy, xx = np.mgrid[:28, :28].astype(np.float32)
+  blob = np.exp(-((yy - CENTER - dy)**2 + (xx - CENTER - dx)**2)
+                / (2 * sigma**2))
+  return jnp.asarray(np.broadcast_to(blob[None, ..., None], (N, 28, 28, 1)))
+
+
+def _offsets(images: jax.Array) -> np.ndarray:
+  """[N, 2] centroid of each image relative to the centre, (dy, dx)."""
+  m = np.asarray(images, np.float64)[..., 0]
+  yy, xx = np.mgrid[:28, :28]
+  total = m.sum((1, 2))
+  return np.stack([(m * yy).sum((1, 2)) / total - CENTER,
+                   (m * xx).sum((1, 2)) / total - CENTER], 1)
+
+
+def _warp(images: jax.Array, seed: int = 0, shift: float = 0.0,
+          rotation: float = 0.0, scale: float = 0.0) -> jax.Array:
+  return augment.random_affine(jax.random.PRNGKey(seed), images, shift,
+                               rotation, scale)
+
+
+def test_shift_stays_within_max_shift_and_spans_it():
+  d = _offsets(_warp(_blobs(), shift=3.0))
+  assert np.abs(d).max() <= 3.0 + 0.05
+  assert np.abs(d).max(0).min() > 2.5  # Both axes use most of the range.
+
+
+def test_rotation_stays_within_max_rotation_and_spans_it():
+  d = _offsets(_warp(_blobs(dx=8.0), rotation=20.0))
+  angle = np.degrees(np.arctan2(d[:, 0], d[:, 1]))
+  assert np.abs(angle).max() <= 20.0 + 0.5
+  assert np.abs(angle).max() > 15.0
+  assert (angle > 0).any() and (angle < 0).any()
+  np.testing.assert_allclose(np.hypot(d[:, 0], d[:, 1]), 8.0, atol=0.1)
+
+
+def test_zoom_stays_within_max_scale_and_spans_it():
+  d = _offsets(_warp(_blobs(dx=8.0), scale=0.2))
+  zoom = d[:, 1] / 8.0
+  assert np.abs(zoom - 1).max() <= 0.2 + 0.01
+  assert zoom.min() < 0.85 and zoom.max() > 1.15
+  np.testing.assert_allclose(d[:, 0], 0.0, atol=0.05)  # No rotation.
+
+
+def test_rotation_and_zoom_move_nothing_at_the_centre():
+  d = _offsets(_warp(_blobs(), shift=2.0, rotation=10.0, scale=0.1))
+  assert np.abs(d).max() <= 2.0 + 0.05
+
+
+def test_zero_bounds_leave_images_unchanged_and_values_stay_in_range():
+  x = _blobs(dy=-3.0, dx=2.0)
+  np.testing.assert_allclose(_warp(x), x, atol=1e-5)
+  y = _warp(x, shift=2.0, rotation=10.0, scale=0.1)
+  assert float(y.min()) >= 0.0 and float(y.max()) <= float(x.max()) + 1e-6
+
+
+def test_each_image_and_each_key_gets_its_own_warp():
+  x = _blobs(dx=5.0)  # N identical images.
+  a, b = _warp(x, 0, 2.0, 10.0, 0.1), _warp(x, 1, 2.0, 10.0, 0.1)
+  flat = np.asarray(a).reshape(N, -1)
+  assert len({row.tobytes() for row in flat}) == N
+  assert not np.allclose(a, b)
+  np.testing.assert_array_equal(a, _warp(x, 0, 2.0, 10.0, 0.1))
+
+
+class _Seen(Exception):
+  """Stops a train step once the model has been handed its input."""
+
+
+def _model_inputs(config: Config, steps: tuple[int, ...]):
+  """(uint8 images, run key, what the model saw at each train step).
+
+  The model is a stub that records its input and stops the step there.
+  """
+  seen = []
+
+  def apply(variables, x, **kwargs):
+    seen.append(np.asarray(x))
+    raise _Seen()
+  state = train.TrainState.create(apply_fn=apply, params={'w': jnp.zeros(1)},
+                                  tx=optax.identity(), batch_stats={},
+                                  key=jax.random.PRNGKey(7))
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 256, (4, 28, 28, 1), dtype=np.uint8))
+  labels = jnp.asarray(rng.integers(0, 10, 4).astype(np.int32))
+  for step in steps:
+    with pytest.raises(_Seen):
+      train.train_step(state.replace(step=jnp.asarray(step)), images, labels,
+                       config, 10)
+  return images, state.key, seen
+
+
+def test_training_inputs_are_exactly_normalized_without_augment():
+  images, _, seen = _model_inputs(Config(), (0, 1))
+  for x in seen:
+    np.testing.assert_array_equal(x, input_pipeline.normalize(images))
+    np.testing.assert_allclose(x, np.asarray(images) / 255.0, rtol=1e-6)
+
+
+def test_training_augments_with_a_new_key_each_step():
+  config = Config(augment=True, aug_max_shift=3.0,
+                  aug_max_rotation=15.0, aug_max_scale=0.15)
+  images, key, seen = _model_inputs(config, (0, 1, 0))
+  x = input_pipeline.normalize(images)
+  for step, got in zip((0, 1, 0), seen):
+    aug_key, _ = jax.random.split(jax.random.fold_in(key, step))
+    want = augment.random_affine(aug_key, x, 3.0, 15.0, 0.15)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+  assert not np.allclose(seen[0], seen[1])
+  np.testing.assert_array_equal(seen[0], seen[2])  # Same seed, same step.
+  assert not np.allclose(seen[0], x, atol=0.05)
+
+
+def test_evaluation_never_augments():
+  config = Config(augment=True, aug_max_shift=3.0, eval_batch_size=8)
+  trainer = train.Trainer(config, 10)
+  variables = train.variables_of(train.create_train_state(
+      config, trainer.model, (28, 28, 1), 10))
+  images = np.random.default_rng(1).integers(0, 256, (8, 28, 28, 1),
+                                             dtype=np.uint8)
+  eval_model = registry.create_model(config, 10, training=False)
+  want = eval_model.apply(variables, input_pipeline.normalize(images),
+                          train=False)
+  got = trainer.predictor.logits(variables, images)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  again = trainer.predictor.logits(variables, images)
+  np.testing.assert_array_equal(got, again)
+
+
+@pytest.mark.parametrize('flag,value', [('aug_max_shift', 1.0),
+                                        ('aug_max_rotation', 10.0),
+                                        ('aug_max_scale', 0.1)])
+def test_each_flag_reaches_the_warp(flag, value):
+  """The train step passes each flag (not a default) to the warp."""
+  base = dict(augment=True, aug_max_shift=0.0,
+              aug_max_rotation=0.0, aug_max_scale=0.0)
+  images, _, (plain,) = _model_inputs(Config(**base), (0,))
+  np.testing.assert_allclose(plain, np.asarray(images) / 255.0, atol=1e-5)
+  _, _, (warped,) = _model_inputs(Config(**{**base, flag: value}), (0,))
+  assert not np.allclose(warped, plain, atol=1e-3)
