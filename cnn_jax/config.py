@@ -94,7 +94,9 @@ class Config:
   optimizer: str = _f('adam', f'Optimizer: {", ".join(OPTIMIZERS)}.')
   learning_rate: float = _f(1e-3, 'Peak learning rate.')
   lr_schedule: str = _f('constant', f'Schedule: {", ".join(SCHEDULES)}.')
-  warmup_epochs: float = _f(0.0, 'Linear warm-up length (cosine/onecycle).')
+  warmup_epochs: float = _f(0.0, 'Warm-up length: linear from 0 (cosine, '
+                            'constant, step) or onecycle\'s rise from lr/25; '
+                            '0 = none (onecycle: 25% of the run).')
   momentum: float = _f(0.9, 'Momentum for sgd/nesterov/rmsprop.')
   weight_decay: float = _f(0.0, 'Decoupled weight decay (adamw) or L2 added '
                            'to gradients (others).')

@@ -117,7 +117,12 @@ def run(argv: Sequence[str]) -> int:
     return 0
   if mode == 'analyze':
     from cnn_jax.analysis import report
-    examples = [int(i) for i in _ANALYSIS_EXAMPLES.value]
+    try:
+      examples = [int(i) for i in _ANALYSIS_EXAMPLES.value]
+    except ValueError:
+      raise CnnJaxError('--analysis_examples takes test-set indices, e.g. '
+                        f'0,1,2; got {",".join(_ANALYSIS_EXAMPLES.value)}'
+                        ) from None
     path = report.analyze(config, workdir, examples=examples,
                           compare=_COMPARE.value)
     print(f'analysis written: {path}')
@@ -162,9 +167,18 @@ def main(argv: Sequence[str]) -> None:
   sys.exit(code)
 
 
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag reported as one ``error:`` line."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
 def run_cli() -> None:
   """Console-script entry point (``cnn-jax``)."""
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

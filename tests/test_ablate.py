@@ -14,7 +14,6 @@ import pytest
 
 from conftest import REPO, real_tfds_dir
 from cnn_jax import config_flags
-from cnn_jax.config import Config
 
 sys.path.insert(0, str(REPO / 'experiments'))
 import ablate  # noqa: E402

@@ -24,6 +24,15 @@ BAD_VALUES = [
     ('batch_size', -32, '--batch_size must be a positive integer, got -32'),
     ('eval_batch_size', 0, '--eval_batch_size must be a positive integer'),
     ('log_every_steps', 0, '--log_every_steps must be a positive integer'),
+    ('num_models', 0, '--num_models must be a positive integer, got 0'),
+    # Test-time augmentation: up to 8 one-pixel shifts.
+    ('tta', -1, '--tta must be between 0 and 8'),
+    ('tta', 9, '--tta must be between 0 and 8'),
+    # Filters per conv layer.
+    ('conv_features', '32,,64', "--conv_features='32,,64' must be positive"),
+    ('conv_features', '32,0,64', '--conv_features'),
+    # 'ensemble' is the model of --mode=ensemble workdirs only.
+    ('model', 'ensemble', "unknown --model='ensemble'"),
     # Positive finite numbers.
     ('learning_rate', 0.0, '--learning_rate must be a positive number'),
     ('learning_rate', -1e-3, '--learning_rate must be a positive number'),
@@ -121,3 +130,8 @@ def test_config_is_immutable_and_replace_makes_a_new_one():
   with pytest.raises(dataclasses.FrozenInstanceError):
     config.epochs = 3  # type: ignore[misc]
   assert config.replace(epochs=3).epochs == 3 and config.epochs == 10
+
+
+def test_an_ensemble_config_names_its_members():
+  config = Config(model='ensemble', members='members/0,members/1')
+  assert validate(config) is config

@@ -3,7 +3,6 @@ many-member runs and test-time augmentation."""
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import jax

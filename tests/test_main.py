@@ -34,6 +34,11 @@ def _cli(*args, env=None, timeout=120):
     (['--mode=serve'], "unknown --mode='serve'"),
     (['--dataset=not_a_dataset'], "unknown --dataset='not_a_dataset'"),
     (['--kernels=fast'], "unknown --kernels='fast'"),
+    (['--epochs=x'], 'flag --epochs=x: invalid literal'),
+    (['--no_such_flag=1'], "Unknown command line flag 'no_such_flag'"),
+    (['--num_models=0'], '--num_models must be a positive integer'),
+    (['--tta=9'], '--tta must be between 0 and 8'),
+    (['--conv_features=32,x'], '--conv_features'),
 ])
 def test_bad_flags_fail_with_one_line_and_no_traceback(tmp_path, args,
                                                        message):

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from cnn_jax import evaluate, inference, predict
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.config import CnnJaxError
-from conftest import MOCK_EXAMPLES, REPO, tiny_config
+from conftest import MOCK_EXAMPLES
 from helpers import procs
 
 
