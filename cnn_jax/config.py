@@ -32,11 +32,12 @@ BEST_METRICS = ('val_accuracy', 'val_loss')
 # Fields a resumed run may change: where the data is, how often it logs and
 # saves, which kernels compute the same model.
 RESUMABLE_FIELDS = frozenset({'tfds_data_dir', 'download', 'log_every_steps',
-                              'checkpoint_every_steps', 'kernels'})
+                              'checkpoint_every_steps', 'kernels', 'cache',
+                              'cache_dir'})
 # Fields that eval, analyze, predict and export take from the command line
 # over the workdir's saved config.
 EVAL_OVERRIDE_FIELDS = ('tfds_data_dir', 'download', 'eval_batch_size',
-                        'test_examples')
+                        'test_examples', 'cache', 'cache_dir')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,12 @@ class Config:
                           'the TFDS default (~/tensorflow_datasets).')
   download: bool = _f(True, 'Let TFDS download the dataset when it is not '
                       'prepared in the data dir (needs internet).')
+  cache: bool = _f(True, 'Keep the decoded dataset in a cache (--cache_dir) '
+                   'after the first read, so later runs skip TFDS decoding; '
+                   'a stale or corrupt cache is rebuilt.')
+  cache_dir: str = _f('', 'Cache folder for decoded datasets and compiled '
+                      'programs; empty means $CNN_JAX_CACHE_DIR, else '
+                      '$XDG_CACHE_HOME/cnn_jax, else ~/.cache/cnn_jax.')
   val_examples: int = _f(5000, 'Examples held out of the train split for '
                          'validation and best-checkpoint selection.')
   train_examples: int = _f(0, 'Use only the first N training examples '
