@@ -44,6 +44,10 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
                                       'Number of processes (distributed).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None,
                                    'This process\'s index (distributed).')
+_COMPILATION_CACHE = flags.DEFINE_bool(
+    'compilation_cache', True, 'Keep compiled XLA programs in '
+    '<cache_dir>/xla (JAX\'s persistent compilation cache), so a second run '
+    'of the same config skips compiling.')
 _ANALYSIS_EXAMPLES = flags.DEFINE_list(
     'analysis_examples', ['0', '1', '2'],
     'analyze: test-set indices whose feature maps are drawn.')
@@ -86,6 +90,11 @@ def run(argv: Sequence[str]) -> int:
   runtime.configure_xla(
       1 if _DISTRIBUTED.value and not FLAGS['host_devices'].present
       else _HOST_DEVICES.value, max(FLAGS.batch_size, 1))
+  if _COMPILATION_CACHE.value:
+    directory = runtime.compilation_cache_dir(FLAGS.cache_dir)
+    if not runtime.enable_compilation_cache(directory):
+      logging.warning('compilation cache %s cannot be created; compiling '
+                      'every run', directory)
   if _DISTRIBUTED.value:
     from cnn_jax import distributed
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
