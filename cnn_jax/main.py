@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from absl import app, flags, logging
 
-from cnn_jax import config_flags, runtime
+from cnn_jax import config_flags, phases, runtime
 from cnn_jax.config import Config, CnnJaxError, EVAL_OVERRIDE_FIELDS
 
 MODES = ('train', 'eval', 'analyze', 'predict', 'export')
@@ -103,6 +103,9 @@ def run(argv: Sequence[str]) -> int:
   if mode == 'train':
     config = config_flags.config_from_flags()
     from cnn_jax import train
+    started = phases.process_seconds()
+    if started is not None:
+      logging.info('started in %.2fs (Python and imports)', started)
     _print_json(train.train_and_evaluate(config, workdir))
     return 0
   config = saved_config(workdir)
@@ -141,6 +144,9 @@ def main(argv: Sequence[str]) -> None:
   _quiet_libraries()
   try:
     code = run(argv)
+    total = phases.process_seconds()
+    if total is not None:
+      logging.info('done in %.2fs since the process started', total)
   except CnnJaxError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

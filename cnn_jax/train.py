@@ -18,6 +18,7 @@ import json
 import math
 import os
 import signal
+import socket
 import time
 from typing import Any, Iterator
 
@@ -30,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import optax
 
 from cnn_jax import (augment, distributed, inference, input_pipeline, losses,
-                     models, registry)
+                     models, phases as phases_lib, registry)
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.checkpointing import Checkpointer
 from cnn_jax.config import Config, CnnJaxError, RESUMABLE_FIELDS
@@ -180,8 +181,8 @@ class Trainer:
     if config.batch_size % self.num_devices:
       raise CnnJaxError(f'--batch_size={config.batch_size} must divide by the '
                         f'number of devices ({self.num_devices})')
-    self.train_chunk = jax.jit(self._train_chunk, donate_argnums=(0,),
-                               out_shardings=self.replicated)
+    self.train_chunk = self._jitted_chunk = jax.jit(
+        self._train_chunk, donate_argnums=(0,), out_shardings=self.replicated)
     self.put = self.predictor.put
     self.evaluate = self.predictor.evaluate
 
@@ -195,6 +196,14 @@ class Trainer:
                         self.config, self.num_classes)
     state, metrics = jax.lax.scan(body, state, idx)
     return state, _sum_tree(metrics)
+
+  def compile(self, state: TrainState, images: jax.Array, labels: jax.Array,
+              chunk: int) -> None:
+    """Compiles the training chunk ahead of the first step (or loads it
+    from the persistent compilation cache), so step times exclude it."""
+    idx = jax.ShapeDtypeStruct((chunk, self.config.batch_size), jnp.int32,
+                               sharding=self.index_sharding)
+    self._jitted_chunk.lower(state, images, labels, idx).compile()
 
   def epoch_indices(self, key: jax.Array, epoch: int, num_examples: int
                     ) -> jax.Array:
@@ -265,22 +274,34 @@ def _check_workdir(config: Config, workdir: str) -> None:
 
 
 class _TensorBoard:
-  """Scalar summaries for TensorBoard, written without TensorFlow."""
+  """Scalar summaries for TensorBoard, written without TensorFlow.
+
+  TensorBoard's own ``EventFileWriter`` opens files through
+  ``tensorboard.compat.tf``, which imports TensorFlow (seconds) whenever it
+  is installed; the event file is just records of ``Event`` protos.
+  """
 
   def __init__(self, logdir: str):
-    from tensorboard.compat.proto import summary_pb2
-    from tensorboard.summary.writer import event_file_writer
-    self._summary = summary_pb2
-    self._writer = event_file_writer.EventFileWriter(logdir)
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    self._event, self._summary = event_pb2, summary_pb2
+    os.makedirs(logdir, exist_ok=True)
+    name = (f'events.out.tfevents.{int(time.time()):010d}.'
+            f'{socket.gethostname()}.{os.getpid()}.cnn_jax')
+    self._writer = RecordWriter(open(os.path.join(logdir, name), 'wb'))
+    self._write(event_pb2.Event(wall_time=time.time(),
+                                file_version='brain.Event:2'))
+
+  def _write(self, event: Any) -> None:
+    self._writer.write(event.SerializeToString())
+    self._writer.flush()
 
   def scalars(self, values: dict[str, float], step: int) -> None:
-    from tensorboard.compat.proto import event_pb2
     summary = self._summary.Summary(value=[
         self._summary.Summary.Value(tag=k, simple_value=float(v))
         for k, v in values.items()])
-    self._writer.add_event(event_pb2.Event(step=step, summary=summary,
-                                           wall_time=time.time()))
-    self._writer.flush()
+    self._write(self._event.Event(step=step, summary=summary,
+                                  wall_time=time.time()))
 
   def close(self) -> None:
     self._writer.close()
@@ -334,9 +355,18 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   Re-running with the same workdir resumes from the latest checkpoint and
   reproduces the uninterrupted run.
   """
+  with phases_lib.compile_time() as compiling:
+    return _train_and_evaluate(config, workdir, compiling)
+
+
+def _train_and_evaluate(config: Config, workdir: str,
+                        compiling: dict[str, float]) -> dict[str, Any]:
+  phases = phases_lib.Phases()  # Where the time goes, logged at the end.
   _check_workdir(config, workdir)
   registry.create_model(config, 1)  # A bad model fails before data loads.
+  phases.lap('setup')
   data = input_pipeline.load(config)
+  phases.lap('data')
   info = data.info
   if jax.process_index() == 0:
     workdir_lib.write_dataset_info(workdir, info)
@@ -374,6 +404,9 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
                info.name, num_params, n_train, len(data.val), len(data.test),
                total_steps, steps_per_epoch, trainer.num_devices,
                jax.default_backend(), config.kernels)
+  phases.lap('init')
+  trainer.compile(state, images, labels, chunk)
+  phases.lap('compile')
 
   def save_latest(step: int, sums: Any) -> None:
     meta['sums'] = None if sums is None else {
@@ -420,9 +453,11 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
             and step % config.checkpoint_every_steps == 0):
           save_latest(step, sums)
 
+      phases.lap('train')
       t0 = time.perf_counter()
       val = trainer.evaluate(variables_of(state), val_images, val_labels)
       meta['train_seconds'] += time.perf_counter() - t0
+      phases.lap('validate')
       s = jax.device_get(sums)
       row = {'epoch': epoch + 1, 'step': step,
              'train_loss': float(s['loss_sum'] / s['count']),
@@ -442,10 +477,12 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         ckpt.save_best(step, variables_of(state),
                        {'epoch': epoch + 1, 'step': step, **val})
       save_latest(step, None)
+      phases.lap('checkpoint')
   metrics_out.close()
 
   best, best_meta = ckpt.restore_best(variables_of(state))
   test = trainer.evaluate(best, data.test.images, data.test.labels)
+  phases.lap('test')
   results = {
       'model': config.model, 'dataset': info.name,
       'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
@@ -460,9 +497,16 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       'num_devices': trainer.num_devices, 'backend': jax.default_backend(),
       'kernels': config.kernels, 'test_examples': len(data.test),
   }
+  ckpt.close()
+  phases.lap('finish')
+  results['timings'] = {'phase_seconds': phases.seconds,
+                        'compiling': dict(compiling)}
   if jax.process_index() == 0:
     workdir_lib.write_json(os.path.join(workdir, workdir_lib.RESULTS), results)
-  ckpt.close()
+  logging.info('where the time went: %s; compiling %d programs took %.2fs of '
+               'it (%d from the persistent cache)', phases.summary(),
+               compiling['programs'], compiling['seconds'],
+               compiling['cache_hits'])
   logging.info('test accuracy %.2f%% (loss %.4f) with the best params (epoch '
                '%d, val acc %.2f%%); %.1fs of training', 100 * test['accuracy'],
                test['loss'], best_meta['epoch'],

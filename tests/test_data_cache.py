@@ -11,12 +11,15 @@ import json
 import logging
 import os
 import pathlib
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from cnn_jax import data_cache, input_pipeline
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 
 INFO = input_pipeline.DatasetInfo(
     name='mnist', num_classes=10, class_names=tuple(str(i) for i in range(10)),
@@ -247,3 +250,52 @@ def test_default_root_follows_the_environment(monkeypatch, tmp_path):
   assert data_cache.resolve_root() == str(tmp_path / 'mine')
   assert data_cache.resolve_root(str(tmp_path / 'flag')) == str(
       tmp_path / 'flag')
+
+
+# A whole run from a warm cache: no TFDS decoding, no TensorFlow.
+_RUN = r'''
+import atexit, json, sys
+from absl import app
+from cnn_jax import main
+atexit.register(lambda: print('MODULES ' + json.dumps(
+    sorted(m for m in ('tensorflow', 'matplotlib', 'keras') if m in sys.modules))))
+app.run(main.main)
+'''
+
+
+def _main(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-c', _RUN, *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_a_warm_cache_trains_without_tensorflow_and_caches_programs(tmp_path):
+  root, cache = tmp_path / 'tfds', tmp_path / 'cache'
+  source = prepare(root)
+  config = tiny_config(root, cache_dir=str(cache))
+  entries = data_cache.DataCache(str(cache), 'mnist', str(root))
+  for split, n in (('train', 160), ('test', 64)):
+    rng = np.random.default_rng(len(split))
+    entries.store(split, rng.integers(0, 256, (n, 28, 28, 1), np.uint8),
+                  rng.integers(0, 10, n, np.int32), INFO.to_dict(),
+                  str(source))
+  args = [f'--tfds_data_dir={root}', f'--cache_dir={cache}', '--nodownload',
+          '--val_examples=32', '--batch_size=32', '--eval_batch_size=64',
+          '--epochs=1', '--host_devices=1']
+  # --nocompilation_cache: nothing under CACHE/xla.
+  off = _main(f'--workdir={tmp_path / "a"}', '--nocompilation_cache', *args)
+  assert off.returncode == 0, off.stderr[-3000:]
+  assert off.stdout.strip().splitlines()[-1] == 'MODULES []'
+  assert not (cache / 'xla').exists()
+  assert config.cache  # On by default.
+  # On by default: the first run stores programs, the second loads them.
+  runs = [_main(f'--workdir={tmp_path / w}', *args) for w in ('b', 'c')]
+  for run in runs:
+    assert run.returncode == 0, run.stderr[-3000:]
+  assert any((cache / 'xla').iterdir())
+  first, second = (json.loads((tmp_path / w / 'results.json').read_text())
+                   for w in ('b', 'c'))
+  assert first['test_accuracy'] == second['test_accuracy']
+  hits = [re.search(r'\((\d+) from the persistent cache\)', r.stderr)
+          for r in runs]
+  assert hits[0] and hits[1], runs[1].stderr[-3000:]
+  assert int(hits[1].group(1)) > int(hits[0].group(1)), [h.group(0) for h in hits]
