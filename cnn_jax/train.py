@@ -211,6 +211,14 @@ class Trainer:
     return self._epoch_indices(key, epoch, num_examples)
 
   @functools.partial(jax.jit, static_argnums=(0, 3))
+  def rows(self, idx: jax.Array, start: int | jax.Array, count: int
+           ) -> jax.Array:
+    """``idx[start:start + count]``, one program for every ``start``
+    (slicing compiles one per start)."""
+    return jax.lax.with_sharding_constraint(
+        jax.lax.dynamic_slice_in_dim(idx, start, count), self.index_sharding)
+
+  @functools.partial(jax.jit, static_argnums=(0, 3))
   def _epoch_indices(self, key: jax.Array, epoch: jax.Array,
                      num_examples: int) -> jax.Array:
     bs = self.config.batch_size
@@ -413,6 +421,7 @@ def _train_and_evaluate(config: Config, workdir: str,
         k: v.item() for k, v in jax.device_get(sums).items()}  # Keeps dtypes.
     ckpt.save_latest(step, state, meta)
 
+  learning_rate = jax.jit(make_schedule(config, steps_per_epoch))  # 1 program.
   step = int(state.step)
   with _stop_on_signals() as stop:
     while step < total_steps:
@@ -425,7 +434,7 @@ def _train_and_evaluate(config: Config, workdir: str,
       for start in range(offset, steps_per_epoch, chunk):
         t0 = time.perf_counter()
         state, m = trainer.train_chunk(state, images, labels,
-                                       idx[start:start + chunk])
+                                       trainer.rows(idx, start, chunk))
         host = jax.device_get(m)  # The one host sync per chunk.
         loss_sum = float(host['loss_sum'])
         dt = time.perf_counter() - t0
@@ -463,8 +472,7 @@ def _train_and_evaluate(config: Config, workdir: str,
              'train_loss': float(s['loss_sum'] / s['count']),
              'train_accuracy': float(s['correct'] / s['count']),
              'val_loss': val['loss'], 'val_accuracy': val['accuracy'],
-             'learning_rate': float(make_schedule(config, steps_per_epoch)(
-                 step - 1)),
+             'learning_rate': float(learning_rate(step - 1)),
              'epoch_seconds': time.perf_counter() - t_epoch}
       logging.info('epoch %d: train loss %.4f acc %.2f%% | val loss %.4f acc '
                    '%.2f%% | %.1fs', epoch + 1, row['train_loss'],

@@ -150,3 +150,15 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 
 def test_count_params():
   assert models.count_params({'a': jnp.zeros((2, 3)), 'b': [jnp.zeros(4)]}) == 10
+
+
+@pytest.mark.parametrize('model', [models.SimpleCNN(), models.DeepCNN()])
+def test_init_compiled_for_speed_gives_the_default_compiles_params(model):
+  """`init_variables` compiles at XLA:CPU optimization level 1; same bits."""
+  x = jnp.zeros((1, 28, 28, 1), jnp.float32)
+  default = jax.jit(lambda k: model.init({'params': k}, x, train=False))
+  key = jax.random.PRNGKey(1)
+  fast, reference = models.init_variables(model, key, x.shape[1:]), default(key)
+  for a, b in zip(jax.tree_util.tree_leaves(fast),
+                  jax.tree_util.tree_leaves(reference)):
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
