@@ -378,6 +378,8 @@ def _train_and_evaluate(config: Config, workdir: str,
   info = data.info
   if jax.process_index() == 0:
     workdir_lib.write_dataset_info(workdir, info)
+    logging.info('the model:\n%s', registry.summary(config, info.num_classes,
+                                                    info.image_shape))
   trainer = Trainer(config, info.num_classes)
   n_train = len(data.train)
   steps_per_epoch = n_train // config.batch_size
