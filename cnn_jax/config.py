@@ -98,6 +98,9 @@ class Config:
   lr_schedule: str = _f('constant', f'Schedule: {", ".join(SCHEDULES)}.')
   warmup_epochs: float = _f(0.0, 'Linear warm-up length (cosine/onecycle).')
   momentum: float = _f(0.9, 'Momentum for sgd/nesterov/rmsprop.')
+  adam_b1: float = _f(0.9, 'Adam/AdamW: decay rate of the gradient mean.')
+  adam_b2: float = _f(0.999, 'Adam/AdamW: decay rate of the squared-gradient '
+                      'mean (lower adapts faster: short runs).')
   weight_decay: float = _f(0.0, 'Decoupled weight decay (adamw) or L2 added '
                            'to gradients (others).')
   label_smoothing: float = _f(0.0, 'Label smoothing of the one-hot targets.')
@@ -153,7 +156,8 @@ def validate(config: Config) -> Config:
     v = getattr(config, name)
     if not (v >= 0 and math.isfinite(v)):
       bad(f'--{name} must be >= 0, got {v}')
-  for name in ('dropout_rate', 'label_smoothing', 'momentum'):
+  for name in ('dropout_rate', 'label_smoothing', 'momentum', 'adam_b1',
+               'adam_b2'):
     v = getattr(config, name)
     if not 0 <= v < 1:
       bad(f'--{name} must be in [0, 1), got {v}')

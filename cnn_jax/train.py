@@ -87,13 +87,14 @@ def make_optimizer(config: Config, steps_per_epoch: int
   if config.grad_clip_norm:
     chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
   if config.optimizer == 'adamw':
-    chain.append(optax.adamw(lr, weight_decay=config.weight_decay,
+    chain.append(optax.adamw(lr, b1=config.adam_b1, b2=config.adam_b2,
+                             weight_decay=config.weight_decay,
                              mask=_decay_mask))
   else:
     if config.weight_decay:
       chain.append(optax.add_decayed_weights(config.weight_decay, _decay_mask))
     chain.append({
-        'adam': lambda: optax.adam(lr),
+        'adam': lambda: optax.adam(lr, b1=config.adam_b1, b2=config.adam_b2),
         'sgd': lambda: optax.sgd(lr, momentum=config.momentum or None),
         'nesterov': lambda: optax.sgd(lr, momentum=config.momentum,
                                       nesterov=True),

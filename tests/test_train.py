@@ -297,3 +297,24 @@ def test_label_smoothing_raises_loss_of_confident_predictions():
   smooth, _ = losses.loss_and_metrics(logits, labels, 3, label_smoothing=0.1)
   assert float(smooth) > float(plain)
   assert optax  # The loss is optax's softmax cross-entropy.
+
+
+def test_adam_betas_reach_the_optimizer_and_are_validated():
+  from cnn_jax.config import validate
+  params = {'w': jnp.ones(3)}
+  grads = [{'w': jnp.array([1.0, -2.0, 0.5])}, {'w': jnp.array([0.1, 3.0, -1.0])}]
+
+  def second_update(**kw):
+    tx = train.make_optimizer(Config(learning_rate=1e-2, **kw), 10)
+    state = tx.init(params)
+    for g in grads:
+      updates, state = tx.update(g, state, params)
+    return np.asarray(updates['w'])
+
+  default = second_update()
+  np.testing.assert_array_equal(default, second_update(adam_b1=0.9,
+                                                       adam_b2=0.999))
+  assert not np.allclose(default, second_update(adam_b2=0.99))
+  assert not np.allclose(default, second_update(adam_b1=0.8))
+  with pytest.raises(CnnJaxError, match='adam_b2'):
+    validate(Config(adam_b2=1.0))
