@@ -4,8 +4,8 @@ TFDS reads and decodes the dataset once, and `cnn_jax.data_cache` keeps
 the decoded arrays for later runs (which then import neither TFDS's readers
 nor TensorFlow); the arrays (uint8 images, int labels) then live on the
 accelerator, and each epoch is a seeded permutation of indices computed on
-device. Normalization and one-hot encoding happen
-inside the jitted step (`preprocess`), so the input never stalls training.
+device. Normalization and one-hot encoding happen inside the jitted step
+(`preprocess`), so the input never stalls training.
 """
 
 from __future__ import annotations
