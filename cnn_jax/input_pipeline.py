@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import sys
 from typing import Any, Sequence
 
 import jax
@@ -89,6 +90,14 @@ def _mocked(builder) -> bool:
   """True under `tfds.testing.mock_data`, which serves data without files."""
   fn = getattr(builder.download_and_prepare, '__name__', '')
   return fn.startswith('mock_')
+
+
+def _mock_data_active() -> bool:
+  """`_mocked` before any builder: only an imported TFDS can be mocked."""
+  tfds = sys.modules.get('tensorflow_datasets')
+  builder = getattr(getattr(tfds, 'core', None), 'DatasetBuilder', None)
+  fn = getattr(builder, 'download_and_prepare', None)
+  return getattr(fn, '__name__', '').startswith('mock_')
 
 
 def get_builder(config: Config):
@@ -189,8 +198,13 @@ def load(config: Config, splits: Sequence[str] = ('train', 'val', 'test')
 
 
 def _data_cache(config: Config) -> data_cache.DataCache | None:
-  """The decoded-data cache of ``config``'s dataset, or None when off."""
-  if not config.cache or '://' in (config.data_dir or ''):
+  """The decoded-data cache of ``config``'s dataset, or None when off.
+
+  Off under `tfds.testing.mock_data` too: its data is not the dataset's,
+  and an entry of the real dataset must not stand in for it.
+  """
+  if (not config.cache or '://' in (config.data_dir or '')
+      or _mock_data_active()):
     return None
   cache = data_cache.DataCache(data_cache.resolve_root(config.cache_dir),
                                config.dataset, config.data_dir)
@@ -201,8 +215,7 @@ def _read_splits(config: Config, names: Sequence[str]
                  ) -> tuple[DatasetInfo, dict[str, Split]]:
   """Whole TFDS splits and the dataset info: from the cache, else TFDS.
 
-  Splits read from TFDS are stored in the cache (not under
-  `tfds.testing.mock_data`, whose data is not the dataset's).
+  Splits read from TFDS are stored in the cache.
   """
   cache = _data_cache(config)
   info, out = None, {}
@@ -215,13 +228,12 @@ def _read_splits(config: Config, names: Sequence[str]
     return info, out
   builder = get_builder(config)
   info = dataset_info(builder)
-  store = cache is not None and not _mocked(builder)
   for name in names:
     if name in out:
       continue
-    limit = config.test_examples if name == 'test' and not store else 0
+    limit = config.test_examples if name == 'test' and not cache else 0
     out[name] = _read_split(builder, name, limit)
-    if store:
+    if cache:
       cache.store(name, out[name].images, out[name].labels, info.to_dict(),
                   builder.data_dir)
   return info, out

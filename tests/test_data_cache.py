@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from cnn_jax import data_cache, input_pipeline
-from conftest import REPO, tiny_config
+from conftest import MOCK_EXAMPLES, REPO, tiny_config
 
 INFO = input_pipeline.DatasetInfo(
     name='mnist', num_classes=10, class_names=tuple(str(i) for i in range(10)),
@@ -232,11 +232,17 @@ def test_an_unusable_cache_dir_warns_once_and_the_run_goes_on(setup, tmp_path,
   assert tfds.reads == ['train', 'test'] * 2
 
 
-def test_mock_data_is_never_cached(mock_tfds, tmp_path):
-  config = tiny_config(tmp_path / 'tfds', cache_dir=str(tmp_path / 'cache'))
-  input_pipeline.load(config)
-  stored = [p for p in (tmp_path / 'cache').rglob('*') if p.is_file()]
-  assert stored == []
+def test_mock_data_neither_uses_nor_fills_the_cache(mock_tfds, tmp_path):
+  root = tmp_path / 'tfds'
+  config = tiny_config(root, cache_dir=str(tmp_path / 'cache'))
+  # An entry of the "real" dataset in this data dir must not replace mocks.
+  real = split_arrays('test')
+  data_cache.DataCache(config.cache_dir, 'mnist', str(root)).store(
+      'test', real.images, real.labels, INFO.to_dict(), str(prepare(root)))
+  before = snapshot(tmp_path / 'cache')
+  data = input_pipeline.load(config)
+  assert len(data.test) == MOCK_EXAMPLES
+  assert snapshot(tmp_path / 'cache') == before
 
 
 def test_default_root_follows_the_environment(monkeypatch, tmp_path):
