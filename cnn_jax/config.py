@@ -33,11 +33,12 @@ ENSEMBLE = 'ensemble'  # The --model of a --mode=ensemble workdir's config.
 # Fields a resumed run may change: where the data is, how often it logs and
 # saves, which kernels compute the same model.
 RESUMABLE_FIELDS = frozenset({'tfds_data_dir', 'download', 'log_every_steps',
-                              'checkpoint_every_steps', 'kernels', 'tta'})
+                              'checkpoint_every_steps', 'kernels', 'tta',
+                              'cache', 'cache_dir'})
 # Fields that eval, analyze, predict and export take from the command line
 # over the workdir's saved config.
 EVAL_OVERRIDE_FIELDS = ('tfds_data_dir', 'download', 'eval_batch_size',
-                        'test_examples', 'tta')
+                        'test_examples', 'tta', 'cache', 'cache_dir')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,12 @@ class Config:
                           'the TFDS default (~/tensorflow_datasets).')
   download: bool = _f(True, 'Let TFDS download the dataset when it is not '
                       'prepared in the data dir (needs internet).')
+  cache: bool = _f(True, 'Keep the decoded dataset in a cache (--cache_dir) '
+                   'after the first read, so later runs skip TFDS decoding; '
+                   'a stale or corrupt cache is rebuilt.')
+  cache_dir: str = _f('', 'Cache folder for decoded datasets and compiled '
+                      'programs; empty means $CNN_JAX_CACHE_DIR, else '
+                      '$XDG_CACHE_HOME/cnn_jax, else ~/.cache/cnn_jax.')
   val_examples: int = _f(5000, 'Examples held out of the train split for '
                          'validation and best-checkpoint selection.')
   train_examples: int = _f(0, 'Use only the first N training examples '
@@ -98,6 +105,9 @@ class Config:
                             'constant, step) or onecycle\'s rise from lr/25; '
                             '0 = none (onecycle: 25% of the run).')
   momentum: float = _f(0.9, 'Momentum for sgd/nesterov/rmsprop.')
+  adam_b1: float = _f(0.9, 'Adam/AdamW: decay rate of the gradient mean.')
+  adam_b2: float = _f(0.999, 'Adam/AdamW: decay rate of the squared-gradient '
+                      'mean (lower adapts faster: short runs).')
   weight_decay: float = _f(0.0, 'Decoupled weight decay (adamw) or L2 added '
                            'to gradients (others).')
   label_smoothing: float = _f(0.0, 'Label smoothing of the one-hot targets.')
@@ -167,8 +177,8 @@ def validate(config: Config) -> Config:
     v = getattr(config, name)
     if not (v >= 0 and math.isfinite(v)):
       bad(f'--{name} must be >= 0, got {v}')
-  for name in ('dropout_rate', 'label_smoothing', 'momentum',
-               'aug_max_scale'):  # A zoom of 1 could scale by 0 or flip.
+  for name in ('dropout_rate', 'label_smoothing', 'momentum', 'adam_b1',
+               'adam_b2', 'aug_max_scale'):  # A zoom of 1 could flip.
     v = getattr(config, name)
     if not 0 <= v < 1:
       bad(f'--{name} must be in [0, 1), got {v}')

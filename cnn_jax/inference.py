@@ -142,8 +142,13 @@ class Predictor:
     logits = self.logits(variables, images)
     if not self.members:
       logits = logits[None]
-    return [losses.summarize(losses.loss_and_metrics(
-        member, labels, logits.shape[-1])[1]) for member in logits]
+    return [losses.summarize(_metrics(member, labels)) for member in logits]
+
+
+@jax.jit
+def _metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+  """Summed metrics in one program (op by op, each op compiles its own)."""
+  return losses.loss_and_metrics(logits, labels, logits.shape[-1])[1]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,21 +1,25 @@
 """MNIST-shaped TFDS image-classification data, held in memory.
 
-TFDS reads and decodes the dataset once; the arrays (uint8 images, int
-labels) then live on the accelerator, and each epoch is a seeded permutation
-of indices computed on device. Normalization and one-hot encoding happen
-inside the jitted step (`preprocess`), so the input never stalls training.
+TFDS reads and decodes the dataset once, and `cnn_jax.data_cache` keeps
+the decoded arrays for later runs (which then import neither TFDS's readers
+nor TensorFlow); the arrays (uint8 images, int labels) then live on the
+accelerator, and each epoch is a seeded permutation of indices computed on
+device. Normalization and one-hot encoding happen inside the jitted step
+(`preprocess`), so the input never stalls training.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import socket
+import sys
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnn_jax import data_cache
 from cnn_jax.config import Config, CnnJaxError
 
 DATA_DIR_HINT = ('point --tfds_data_dir (or $TFDS_DATA_DIR) at a TFDS data '
@@ -99,12 +103,17 @@ def _mocked(builder) -> bool:
   return fn.startswith('mock_')
 
 
+def _mock_data_active() -> bool:
+  """`_mocked` before any builder: only an imported TFDS can be mocked."""
+  tfds = sys.modules.get('tensorflow_datasets')
+  builder = getattr(getattr(tfds, 'core', None), 'DatasetBuilder', None)
+  fn = getattr(builder, 'download_and_prepare', None)
+  return getattr(fn, '__name__', '').startswith('mock_')
+
+
 def get_builder(config: Config):
   """Returns a prepared TFDS builder, downloading only when it can succeed."""
-  import tensorflow as tf  # Deferred: importing TF costs seconds.
-  import tensorflow_datasets as tfds
-  # TF only reads files here: keep it off the GPU/TPU that JAX uses.
-  tf.config.set_visible_devices([], 'GPU')
+  import tensorflow_datasets as tfds  # Its builders need no TensorFlow.
   data_dir = config.data_dir
   where = data_dir or '~/tensorflow_datasets (the TFDS default)'
   try:
@@ -149,7 +158,11 @@ def dataset_info(builder) -> DatasetInfo:
 
 
 def _read_split(builder, split: str, limit: int = 0) -> Split:
+  """Decodes a TFDS split (its first ``limit`` examples when > 0)."""
+  import tensorflow as tf  # Deferred: importing TF costs seconds.
   import tensorflow_datasets as tfds
+  # TF only reads files here: keep it off the GPU/TPU that JAX uses.
+  tf.config.set_visible_devices([], 'GPU')
   ds = builder.as_dataset(split=split, shuffle_files=False)
   if limit:
     ds = ds.take(limit)
@@ -169,11 +182,12 @@ def load(config: Config, splits: Sequence[str] = ('train', 'val', 'test')
   'train' the rest (optionally its first `config.train_examples`), so the two
   never overlap and test is never used for model selection.
   """
-  builder = get_builder(config)
-  info = dataset_info(builder)
+  wanted = (['train'] if 'train' in splits or 'val' in splits else []) + (
+      ['test'] if 'test' in splits else [])
+  info, read = _read_splits(config, wanted)
   out: dict[str, Split | None] = {'train': None, 'val': None, 'test': None}
   if 'train' in splits or 'val' in splits:
-    full = _read_split(builder, 'train')
+    full = read['train']
     n_val = config.val_examples
     if n_val >= len(full) or (n_val == 0 and 'val' in splits):
       raise CnnJaxError(f'--val_examples={n_val} must be between 1 and '
@@ -186,8 +200,54 @@ def load(config: Config, splits: Sequence[str] = ('train', 'val', 'test')
     out['train'] = train if 'train' in splits else None
     out['val'] = Split(full.images[cut:], full.labels[cut:]) if 'val' in splits else None
   if 'test' in splits:
-    out['test'] = _read_split(builder, 'test', config.test_examples)
+    test = read['test']
+    if config.test_examples:
+      test = Split(test.images[:config.test_examples],
+                   test.labels[:config.test_examples])
+    out['test'] = test
   return Dataset(info=info, **out)
+
+
+def _data_cache(config: Config) -> data_cache.DataCache | None:
+  """The decoded-data cache of ``config``'s dataset, or None when off.
+
+  Off under `tfds.testing.mock_data` too: its data is not the dataset's,
+  and an entry of the real dataset must not stand in for it.
+  """
+  if (not config.cache or '://' in (config.data_dir or '')
+      or _mock_data_active()):
+    return None
+  cache = data_cache.DataCache(data_cache.resolve_root(config.cache_dir),
+                               config.dataset, config.data_dir)
+  return cache if cache.usable() else None
+
+
+def _read_splits(config: Config, names: Sequence[str]
+                 ) -> tuple[DatasetInfo, dict[str, Split]]:
+  """Whole TFDS splits and the dataset info: from the cache, else TFDS.
+
+  Splits read from TFDS are stored in the cache.
+  """
+  cache = _data_cache(config)
+  info, out = None, {}
+  for name in names if cache else ():
+    entry = cache.load(name)
+    if entry is not None:
+      info = DatasetInfo.from_dict(entry.info)
+      out[name] = Split(entry.images, entry.labels)
+  if info is not None and len(out) == len(names):
+    return info, out
+  builder = get_builder(config)
+  info = dataset_info(builder)
+  for name in names:
+    if name in out:
+      continue
+    limit = config.test_examples if name == 'test' and not cache else 0
+    out[name] = _read_split(builder, name, limit)
+    if cache:
+      cache.store(name, out[name].images, out[name].labels, info.to_dict(),
+                  builder.data_dir)
+  return info, out
 
 
 def normalize(images: jax.Array) -> jax.Array:

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from absl import app, flags, logging
 
-from cnn_jax import config_flags, runtime
+from cnn_jax import config_flags, phases, runtime
 from cnn_jax.config import Config, CnnJaxError, EVAL_OVERRIDE_FIELDS
 
 MODES = ('train', 'eval', 'analyze', 'predict', 'export', 'ensemble')
@@ -47,6 +47,10 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
                                       'Number of processes (distributed).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None,
                                    'This process\'s index (distributed).')
+_COMPILATION_CACHE = flags.DEFINE_bool(
+    'compilation_cache', True, 'Keep compiled XLA programs in '
+    '<cache_dir>/xla (JAX\'s persistent compilation cache), so a second run '
+    'of the same config skips compiling.')
 _ANALYSIS_EXAMPLES = flags.DEFINE_list(
     'analysis_examples', ['0', '1', '2'],
     'analyze: test-set indices whose path through the model is drawn.')
@@ -92,6 +96,11 @@ def run(argv: Sequence[str]) -> int:
   runtime.configure_xla(
       1 if _DISTRIBUTED.value and not FLAGS['host_devices'].present
       else _HOST_DEVICES.value, max(FLAGS.batch_size, 1))
+  if _COMPILATION_CACHE.value:
+    directory = runtime.compilation_cache_dir(FLAGS.cache_dir)
+    if not runtime.enable_compilation_cache(directory):
+      logging.warning('compilation cache %s cannot be created; compiling '
+                      'every run', directory)
   if _DISTRIBUTED.value:
     from cnn_jax import distributed
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
@@ -100,6 +109,9 @@ def run(argv: Sequence[str]) -> int:
   if mode == 'train':
     config = config_flags.config_from_flags()
     from cnn_jax import train
+    started = phases.process_seconds()
+    if started is not None:
+      logging.info('started in %.2fs (Python and imports)', started)
     _print_json(train.train_and_evaluate(config, workdir))
     return 0
   if mode == 'ensemble':
@@ -152,6 +164,9 @@ def main(argv: Sequence[str]) -> None:
   _quiet_libraries()
   try:
     code = run(argv)
+    total = phases.process_seconds()
+    if total is not None:
+      logging.info('done in %.2fs since the process started', total)
   except CnnJaxError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

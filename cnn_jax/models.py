@@ -112,8 +112,8 @@ def init_variables(model: nn.Module, key: jax.Array,
                    image_shape: Sequence[int]) -> dict[str, Any]:
   """``{'params': ..., ['batch_stats': ...]}`` for images of this shape."""
   x = jnp.zeros((1, *image_shape), jnp.float32)
-  variables = jax.jit(lambda k: model.init({'params': k}, x, train=False))(key)
-  return dict(variables)
+  return dict(jax.jit(lambda k: model.init({'params': k}, x, train=False))(
+      key))
 
 
 def abstract_variables(model: nn.Module, image_shape: Sequence[int]

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cnn_jax import kernels, models
 from cnn_jax.config import Config, CnnJaxError
@@ -72,3 +73,20 @@ def create_model(config: Config, num_classes: int, training: bool = True,
                                      backend or jax.default_backend())
     overrides.update((k, v) for k, v in layers.items() if k in fields)
   return model.clone(**overrides)
+
+
+def summary(config: Config, num_classes: int, image_shape: Sequence[int],
+            width: int = 120) -> str:
+  """The stock model as a table: each layer's input and output shapes and
+  parameters, and the totals (Flax's ``nn.tabulate``, plain text).
+
+  Traced with abstract values (``jax.eval_shape``): nothing is computed or
+  compiled. Pooling and activations are functions, not modules, so they
+  show only as the change of shape from one layer's output to the next
+  one's input.
+  """
+  model = create_model(config, num_classes, training=False)
+  x = np.zeros((1, *image_shape), np.float32)
+  return nn.tabulate(model, jax.random.PRNGKey(0),
+                     console_kwargs={'width': width, 'force_terminal': False}
+                     )(x, train=False)

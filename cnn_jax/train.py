@@ -18,6 +18,7 @@ import json
 import math
 import os
 import signal
+import socket
 import time
 from typing import Any, Iterator
 
@@ -31,7 +32,7 @@ import numpy as np
 import optax
 
 from cnn_jax import (augment, distributed, inference, input_pipeline, losses,
-                     models, registry)
+                     models, phases as phases_lib, registry)
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.checkpointing import Checkpointer
 from cnn_jax.config import Config, CnnJaxError, RESUMABLE_FIELDS
@@ -87,19 +88,27 @@ def make_optimizer(config: Config, steps_per_epoch: int
   if config.grad_clip_norm:
     chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
   if config.optimizer == 'adamw':
-    chain.append(optax.adamw(lr, weight_decay=config.weight_decay,
+    chain.append(optax.adamw(lr, b1=config.adam_b1, b2=config.adam_b2,
+                             weight_decay=config.weight_decay,
                              mask=_decay_mask))
   else:
     if config.weight_decay:
       chain.append(optax.add_decayed_weights(config.weight_decay, _decay_mask))
     chain.append({
-        'adam': lambda: optax.adam(lr),
+        'adam': lambda: optax.adam(lr, b1=config.adam_b1, b2=config.adam_b2),
         'sgd': lambda: optax.sgd(lr, momentum=config.momentum or None),
         'nesterov': lambda: optax.sgd(lr, momentum=config.momentum,
                                       nesterov=True),
         'rmsprop': lambda: optax.rmsprop(lr, momentum=config.momentum),
     }[config.optimizer]())
   return optax.chain(*chain)
+
+
+# XLA:CPU compiles an init (mostly the threefry hash of every parameter's
+# random bits) about 4x faster at backend optimization level 1 than at the
+# default 3, with bit-identical parameters (tests/test_train.py); an init
+# runs once, so its own speed does not matter.
+INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 1}
 
 
 def member_seeds(config: Config) -> list[int]:
@@ -117,17 +126,22 @@ def create_train_state(config: Config, model: nn.Module,
   stacked on a leading axis.
   """
   tx = make_optimizer(config, steps_per_epoch)
+  x = jnp.zeros((1, *image_shape), jnp.float32)
 
-  def member(seed: int | jax.Array) -> TrainState:
+  def member(seed: jax.Array) -> TrainState:
     init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))
-    variables = models.init_variables(model, init_key, image_shape)
+    variables = model.init({'params': init_key}, x, train=False)
     return TrainState.create(
         apply_fn=model.apply, params=variables['params'],
         batch_stats=variables.get('batch_stats', {}), tx=tx, key=run_key)
 
-  if config.num_models == 1:
-    return member(config.seed)
-  return jax.vmap(member)(jnp.asarray(member_seeds(config)))
+  init = member if config.num_models == 1 else jax.vmap(member)
+  seeds = jnp.asarray(member_seeds(config) if config.num_models > 1
+                      else config.seed)
+  compiled = jax.jit(init).lower(seeds).compile(
+      compiler_options=INIT_COMPILER_OPTIONS
+      if jax.default_backend() == 'cpu' else None)
+  return compiled(seeds)
 
 
 def data_key(config: Config) -> jax.Array:
@@ -213,8 +227,8 @@ class Trainer:
     if config.batch_size % self.num_devices:
       raise CnnJaxError(f'--batch_size={config.batch_size} must divide by the '
                         f'number of devices ({self.num_devices})')
-    self.train_chunk = jax.jit(self._train_chunk, donate_argnums=(0,),
-                               out_shardings=self.replicated)
+    self.train_chunk = self._jitted_chunk = jax.jit(
+        self._train_chunk, donate_argnums=(0,), out_shardings=self.replicated)
     self.put = self.predictor.put
     self.evaluate = self.predictor.evaluate
 
@@ -231,6 +245,23 @@ class Trainer:
       return step(state, images[batch_idx], labels[batch_idx])
     state, metrics = jax.lax.scan(body, state, idx)
     return state, _sum_tree(metrics)
+
+  def compile(self, state: TrainState, images: jax.Array, labels: jax.Array,
+              chunk: int) -> None:
+    """Compiles the training chunk ahead of the first step (or loads it
+    from the persistent compilation cache), so step times exclude it."""
+    lead = (self.members,) if self.members else ()
+    idx = jax.ShapeDtypeStruct((chunk, *lead, self.config.batch_size),
+                               jnp.int32, sharding=self.index_sharding)
+    self._jitted_chunk.lower(state, images, labels, idx).compile()
+
+  @functools.partial(jax.jit, static_argnums=(0, 3))
+  def rows(self, idx: jax.Array, start: int | jax.Array, count: int
+           ) -> jax.Array:
+    """``idx[start:start + count]``, one program for every ``start``
+    (slicing compiles one per start)."""
+    return jax.lax.with_sharding_constraint(
+        jax.lax.dynamic_slice_in_dim(idx, start, count), self.index_sharding)
 
   def epoch_indices(self, key: jax.Array, epoch: int, num_examples: int
                     ) -> jax.Array:
@@ -307,22 +338,34 @@ def _check_workdir(config: Config, workdir: str) -> None:
 
 
 class _TensorBoard:
-  """Scalar summaries for TensorBoard, written without TensorFlow."""
+  """Scalar summaries for TensorBoard, written without TensorFlow.
+
+  TensorBoard's own ``EventFileWriter`` opens files through
+  ``tensorboard.compat.tf``, which imports TensorFlow (seconds) whenever it
+  is installed; the event file is just records of ``Event`` protos.
+  """
 
   def __init__(self, logdir: str):
-    from tensorboard.compat.proto import summary_pb2
-    from tensorboard.summary.writer import event_file_writer
-    self._summary = summary_pb2
-    self._writer = event_file_writer.EventFileWriter(logdir)
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    self._event, self._summary = event_pb2, summary_pb2
+    os.makedirs(logdir, exist_ok=True)
+    name = (f'events.out.tfevents.{int(time.time()):010d}.'
+            f'{socket.gethostname()}.{os.getpid()}.cnn_jax')
+    self._writer = RecordWriter(open(os.path.join(logdir, name), 'wb'))
+    self._write(event_pb2.Event(wall_time=time.time(),
+                                file_version='brain.Event:2'))
+
+  def _write(self, event: Any) -> None:
+    self._writer.write(event.SerializeToString())
+    self._writer.flush()
 
   def scalars(self, values: dict[str, float], step: int) -> None:
-    from tensorboard.compat.proto import event_pb2
     summary = self._summary.Summary(value=[
         self._summary.Summary.Value(tag=k, simple_value=float(v))
         for k, v in values.items()])
-    self._writer.add_event(event_pb2.Event(step=step, summary=summary,
-                                           wall_time=time.time()))
-    self._writer.flush()
+    self._write(self._event.Event(step=step, summary=summary,
+                                  wall_time=time.time()))
 
   def close(self) -> None:
     self._writer.close()
@@ -396,12 +439,23 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   train together; each keeps its own best epoch, and the results give each
   member's test metrics and those of their averaged probabilities.
   """
+  with phases_lib.compile_time() as compiling:
+    return _train_and_evaluate(config, workdir, compiling)
+
+
+def _train_and_evaluate(config: Config, workdir: str,
+                        compiling: dict[str, float]) -> dict[str, Any]:
+  phases = phases_lib.Phases()  # Where the time goes, logged at the end.
   _check_workdir(config, workdir)
   registry.create_model(config, 1)  # A bad model fails before data loads.
+  phases.lap('setup')
   data = input_pipeline.load(config)
+  phases.lap('data')
   info = data.info
   if jax.process_index() == 0:
     workdir_lib.write_dataset_info(workdir, info)
+    logging.info('the model:\n%s', registry.summary(config, info.num_classes,
+                                                    info.image_shape))
   trainer = Trainer(config, info.num_classes)
   n_members = config.num_models
   n_train = len(data.train)
@@ -444,6 +498,9 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
                f' x {n_members} members' if n_members > 1 else '', n_train,
                len(data.val), len(data.test), total_steps, steps_per_epoch,
                trainer.num_devices, jax.default_backend(), config.kernels)
+  phases.lap('init')
+  trainer.compile(state, images, labels, chunk)
+  phases.lap('compile')
 
   def save_latest(step: int, sums: Any) -> None:
     meta['sums'] = None if sums is None else {
@@ -455,6 +512,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     return (f'stopped by signal {by} at step {step}; latest state saved, '
             're-run the same command to resume')
 
+  learning_rate = jax.jit(make_schedule(config, steps_per_epoch))  # 1 program.
   step = state_step(state)
   with _stop_on_signals() as stop:
     while step < total_steps:
@@ -468,7 +526,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       for start in range(offset, steps_per_epoch, chunk):
         t0 = time.perf_counter()
         state, m = trainer.train_chunk(state, images, labels,
-                                       idx[start:start + chunk])
+                                       trainer.rows(idx, start, chunk))
         host = jax.device_get(m)  # The one host sync per chunk.
         loss_sum = np.asarray(host['loss_sum'], np.float64)
         dt = time.perf_counter() - t0
@@ -498,12 +556,14 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
             and step % config.checkpoint_every_steps == 0):
           save_latest(step, sums)
 
+      phases.lap('train')
       t0 = time.perf_counter()
       variables = variables_of(state)
       vals = trainer.evaluate(variables, val_images, val_labels)
-      row = _epoch_row(config, trainer, epoch, step, steps_per_epoch, sums,
-                       vals, variables, val_images, data.val.labels)
+      row = _epoch_row(trainer, epoch, step, learning_rate, sums, vals,
+                       variables, val_images, data.val.labels)
       meta['train_seconds'] += time.perf_counter() - t0
+      phases.lap('validate')
       row['epoch_seconds'] = time.perf_counter() - t_epoch
       logging.info('epoch %d: train loss %.4f acc %.2f%% | val loss %.4f acc '
                    '%.2f%% | %.1fs', epoch + 1, row['train_loss'],
@@ -531,16 +591,25 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
                      for b in meta['members']]
           ckpt.save_best(step, best_vars, {'step': step, 'members': members})
       save_latest(step, None)
+      phases.lap('checkpoint')
       if distributed.any_process(stop['signal'] is not None):
         raise Stop(stopped_at(step, stop['signal']))
   metrics_out.close()
 
   best, best_meta = ckpt.restore_best(variables_of(state))
-  ckpt.close()
   results = _test_results(config, trainer, info, data, best, best_meta, meta,
                           total_steps, num_params)
+  phases.lap('test')
+  ckpt.close()
+  phases.lap('finish')
+  results['timings'] = {'phase_seconds': phases.seconds,
+                        'compiling': dict(compiling)}
   if jax.process_index() == 0:
     workdir_lib.write_json(os.path.join(workdir, workdir_lib.RESULTS), results)
+  logging.info('where the time went: %s; compiling %d programs took %.2fs of '
+               'it (%d from the persistent cache)', phases.summary(),
+               compiling['programs'], compiling['seconds'],
+               compiling['cache_hits'])
   logging.info('test accuracy %.2f%% (loss %.4f) with the best params%s; '
                '%.1fs of training', 100 * results['test_accuracy'],
                results['test_loss'],
@@ -549,10 +618,11 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   return results
 
 
-def _epoch_row(config: Config, trainer: Trainer, epoch: int, step: int,
-               steps_per_epoch: int, sums: Any, vals: list[dict[str, float]],
-               variables: Any, val_images: jax.Array,
-               val_labels: np.ndarray) -> dict[str, Any]:
+def _epoch_row(trainer: Trainer, epoch: int, step: int,
+               learning_rate: optax.Schedule, sums: Any,
+               vals: list[dict[str, float]], variables: Any,
+               val_images: jax.Array, val_labels: np.ndarray
+               ) -> dict[str, Any]:
   """One ``metrics.jsonl`` row: member means, and per member when many."""
   s = jax.device_get(sums)
   train_loss = np.atleast_1d(s['loss_sum'] / s['count'])
@@ -561,8 +631,7 @@ def _epoch_row(config: Config, trainer: Trainer, epoch: int, step: int,
          'train_loss': _mean(train_loss), 'train_accuracy': _mean(train_acc),
          'val_loss': _mean([v['loss'] for v in vals]),
          'val_accuracy': _mean([v['accuracy'] for v in vals]),
-         'learning_rate': float(make_schedule(config, steps_per_epoch)(
-             step - 1))}
+         'learning_rate': float(learning_rate(step - 1))}
   if len(vals) > 1:
     probs = trainer.predictor.probabilities(variables, val_images)
     row['val_ensemble_accuracy'] = losses.probability_metrics(

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import pathlib
+import tempfile
 
 import numpy as np
 import pytest
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Caches of decoded data and compiled programs go to a fresh folder, never ~.
+os.environ['CNN_JAX_CACHE_DIR'] = tempfile.mkdtemp(prefix='cnn_jax_test_cache_')
 
 import tensorflow_datasets as tfds  # noqa: E402
 # Imported now, not on first use: a module first compiled while Orbax's

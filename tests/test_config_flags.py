@@ -18,8 +18,8 @@ def test_flagfile_config_reads_the_recipes():
   fast = config_flags.config_from_flagfile(str(CONFIGS / 'fast.flags'))
   deep = config_flags.config_from_flagfile(str(CONFIGS / 'deep_cnn.flags'))
   assert (fast.model, fast.epochs, fast.learning_rate, fast.lr_schedule,
-          fast.eval_batch_size, fast.augment) == (
-              'simple_cnn', 2, 4e-3, 'onecycle', 2500, False)
+          fast.adam_b2, fast.label_smoothing, fast.augment) == (
+              'simple_cnn', 1, 1.2e-2, 'onecycle', 0.99, 0.1, False)
   assert deep.batch_norm and deep.augment
   assert deep.best_metric == 'val_loss' and deep.epochs == 18
   # Parsed privately: the process's own flags are left alone.

@@ -101,3 +101,14 @@ def test_conv_features_set_each_layer():
   with pytest.raises(CnnJaxError, match="gives 2 widths; --model=simple_cnn "
                      'takes 3'):
     registry.create_model(Config(conv_features='8,16'), 10)
+
+
+def test_summary_tabulates_layers_shapes_and_params():
+  text = registry.summary(Config(), 10, (28, 28, 1))
+  for row in ('conv1', 'conv2', 'conv3', 'dense1', 'logits',
+              'float32[1,26,26,32]', 'float32[1,13,13,32]', 'float32[1,10]',
+              'kernel: float32[576,64]', '93,322'):
+    assert row in text, row
+  assert '\x1b[' not in text  # Plain text for logs and reports.
+  deep = registry.summary(Config(model='deep_cnn'), 10, (28, 28, 1))
+  assert 'batch_stats' in deep and 'bn1_1' in deep and '197,802' in deep

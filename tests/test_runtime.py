@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -87,3 +88,27 @@ print(json.dumps([changed_env, changed_jax]))
                        text=True, cwd=REPO, timeout=300, env=env)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip().splitlines()[-1] == '[[], []]'
+
+
+def test_compilation_cache_is_enabled_only_when_asked(tmp_path):
+  """Off until an entry point calls it; then every program is cached."""
+  code = f'''
+import json, jax
+from cnn_jax import runtime
+before = jax.config.jax_compilation_cache_dir
+bad = runtime.enable_compilation_cache({str(tmp_path / 'file' / 'xla')!r})
+ok = runtime.enable_compilation_cache(runtime.compilation_cache_dir(
+    {str(tmp_path / 'cache')!r}))
+jax.jit(lambda x: x + 1)(1.0).block_until_ready()
+print(json.dumps([before, bad, ok, jax.config.jax_compilation_cache_dir,
+                  jax.config.jax_persistent_cache_min_compile_time_secs]))
+'''
+  (tmp_path / 'file').write_text('a file, not a folder')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                       text=True, cwd=REPO, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  before, bad, ok, directory, min_secs = json.loads(
+      out.stdout.strip().splitlines()[-1])
+  assert before is None and bad is False and ok is True
+  assert directory == str(tmp_path / 'cache' / 'xla') and min_secs == 0
+  assert any((tmp_path / 'cache' / 'xla').iterdir())

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from cnn_jax import losses, registry, train
+from cnn_jax import losses, models, registry, train
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.checkpointing import Checkpointer
 from cnn_jax.config import Config, CnnJaxError
@@ -412,3 +412,41 @@ def test_label_smoothing_is_cross_entropy_against_smoothed_targets():
     assert float(loss) == pytest.approx(want.mean(), rel=1e-6)
     assert float(m['loss_sum']) == pytest.approx(want.sum(), rel=1e-6)
     assert int(m['correct']) == 1 and int(m['count']) == 2
+
+
+def test_adam_betas_reach_the_optimizer_and_are_validated():
+  from cnn_jax.config import validate
+  params = {'w': jnp.ones(3)}
+  grads = [{'w': jnp.array([1.0, -2.0, 0.5])}, {'w': jnp.array([0.1, 3.0, -1.0])}]
+
+  def second_update(**kw):
+    tx = train.make_optimizer(Config(learning_rate=1e-2, **kw), 10)
+    state = tx.init(params)
+    for g in grads:
+      updates, state = tx.update(g, state, params)
+    return np.asarray(updates['w'])
+
+  default = second_update()
+  np.testing.assert_array_equal(default, second_update(adam_b1=0.9,
+                                                       adam_b2=0.999))
+  assert not np.allclose(default, second_update(adam_b2=0.99))
+  assert not np.allclose(default, second_update(adam_b1=0.8))
+  with pytest.raises(CnnJaxError, match='adam_b2'):
+    validate(Config(adam_b2=1.0))
+
+
+@pytest.mark.parametrize('model_name', ['simple_cnn', 'deep_cnn'])
+def test_initial_state_compiled_for_speed_has_the_default_bits(model_name):
+  """`create_train_state` compiles at XLA:CPU optimization level 1; the
+  parameters are those of a default compile of the same init."""
+  config = Config(model=model_name, seed=1)
+  model = registry.create_model(config, 10)
+  state = train.create_train_state(config, model, (28, 28, 1), 10)
+  init_key, run_key = jax.random.split(jax.random.PRNGKey(1))
+  reference = models.init_variables(model, init_key, (28, 28, 1))
+  for a, b in zip(jax.tree_util.tree_leaves(
+      (state.params, state.batch_stats, state.key)),
+                  jax.tree_util.tree_leaves(
+                      (reference['params'], reference.get('batch_stats', {}),
+                       run_key)), strict=True):
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()

@@ -1,0 +1,59 @@
+"""`experiments/tune_fast.py`: a validation-only sweep, resumable, on mock data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import MOCK_EXAMPLES, REPO
+
+# Runs the script's main under mock data, and fails if the test split loads.
+_RUN = f'''
+import sys
+sys.path.insert(0, {str(REPO / 'experiments')!r})
+import tensorflow_datasets as tfds
+from absl import app
+from cnn_jax import input_pipeline
+import tune_fast
+load = input_pipeline.load
+def no_test(config, splits=('train', 'val', 'test')):
+  assert 'test' not in splits, splits
+  return load(config, splits)
+input_pipeline.load = no_test
+with tfds.testing.mock_data(num_examples={MOCK_EXAMPLES}):
+  app.run(tune_fast.main)
+'''
+
+
+def _tune(tmp_path, *args: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
+      [sys.executable, '-c', _RUN, f'--tfds_data_dir={tmp_path / "tfds"}',
+       '--nodownload', '--val_examples=64', '--batch_size=32', '--epochs=1',
+       '--eval_batch_size=64', f'--out={tmp_path / "tune.jsonl"}', *args],
+      capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_sweep_records_validation_only_and_resumes(tmp_path):
+  args = ('--grid=learning_rate=1e-3,3e-3', '--grid=adam_b2=0.99',
+          '--seeds=0')
+  first = _tune(tmp_path, *args)
+  assert first.returncode == 0, first.stderr[-3000:]
+  rows = [json.loads(line) for line in
+          (tmp_path / 'tune.jsonl').read_text().splitlines()]
+  assert [r['settings'] for r in rows] == [
+      {'learning_rate': 1e-3, 'adam_b2': 0.99},
+      {'learning_rate': 3e-3, 'adam_b2': 0.99}]
+  for r in rows:
+    assert r['seed'] == 0 and 0 <= r['val_accuracy'] <= 1
+    assert 'test_accuracy' not in r
+  # The same command again trains nothing; a new seed adds its rows only.
+  again = _tune(tmp_path, *args[:2], '--seeds=0,1')
+  assert again.returncode == 0, again.stderr[-3000:]
+  lines = (tmp_path / 'tune.jsonl').read_text().splitlines()
+  assert [json.loads(line)['seed'] for line in lines] == [0, 0, 1, 1]
+
+
+def test_unknown_grid_field_is_a_usage_error(tmp_path):
+  proc = _tune(tmp_path, '--grid=learning_rat=1e-3')
+  assert proc.returncode != 0 and 'not a Config field' in proc.stderr
