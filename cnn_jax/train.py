@@ -138,6 +138,10 @@ def create_train_state(config: Config, model: nn.Module,
   init = member if config.num_models == 1 else jax.vmap(member)
   seeds = jnp.asarray(member_seeds(config) if config.num_models > 1
                       else config.seed)
+  if isinstance(seeds, jax.core.Tracer):
+    # Under a transformation (e.g. ``jax.eval_shape`` for restore targets)
+    # there is nothing to compile ahead of time.
+    return init(seeds)
   compiled = jax.jit(init).lower(seeds).compile(
       compiler_options=INIT_COMPILER_OPTIONS
       if jax.default_backend() == 'cpu' else None)

@@ -105,7 +105,9 @@ def check_devices() -> str:
 
 def quick_flags() -> list[str]:
   """The flags of ablate.py's --quick recipe (few steps, small subset)."""
-  return [f'--{k}={v}' for k, v in QUICK_RECIPE.items()]
+  with open(QUICK_RECIPE) as f:
+    lines = (line.strip() for line in f)
+    return [line for line in lines if line and not line.startswith('#')]
 
 
 def recipe(model: str) -> list[str]:

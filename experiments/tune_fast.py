@@ -78,8 +78,8 @@ def validate_run(config: Config, data: Any) -> dict[str, float]:
       # can deadlock XLA:CPU's all-reduce between host devices.
       jax.block_until_ready(m)
   seconds = time.perf_counter() - t0
-  val = trainer.evaluate(train.variables_of(state), data.val.images,
-                         data.val.labels)
+  val, = trainer.evaluate(train.variables_of(state), data.val.images,
+                          data.val.labels)
   return {'val_accuracy': val['accuracy'], 'val_loss': val['loss'],
           'train_seconds': seconds}
 

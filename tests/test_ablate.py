@@ -386,7 +386,7 @@ def test_quick_study_trains_on_real_mnist_and_resumes(tmp_path):
   assert int(table['width0.5']['num_params']) < 93_322
   for r in table.values():
     assert 0.0 <= float(r['test_accuracy']) <= 1.0
-    results = json.loads((study_dir / 'runs' / f'{r["variant"]}_seed0' /
+    results = json.loads((study_dir / 'runs' / r['variant'] /
                           'results.json').read_text())
     assert results['test_examples'] == 200 and results['steps'] == 4
   assert (study_dir / 'accuracy.png').read_bytes()[:4] == b'\x89PNG'

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import html.parser
+import dataclasses
 import json
 import os
 import shutil
@@ -391,9 +392,10 @@ def test_analyze_deep_cnn_with_other_class_names(trained_deep, mock_tfds,
     info = json.load(f)
   names = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
            'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
-  info['class_names'] = names
+  info.update(name='fashion_mnist', class_names=names)
   with open(info_path, 'w') as f:
     json.dump(info, f)
+  config = dataclasses.replace(config, dataset='fashion_mnist')
   path = report.analyze(config, workdir, examples=[5])
   out = os.path.dirname(path)
   with open(os.path.join(out, 'summary.json')) as f:
