@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
-import html.parser
 import dataclasses
+import html.parser
 import json
 import os
+import pathlib
 import shutil
 
 import jax
@@ -185,6 +186,7 @@ EXPECTED = ['index.html', 'summary.json', 'per_class.csv', 'per_class.json',
             'filters_deeper_norms.png', 'top_activations.png',
             'receptive_fields.png', 'compare.json', 'compare_per_class.png',
             'compare_disagreements.png']
+REPO = pathlib.Path(__file__).resolve().parents[1]
 VOID = {'img', 'meta', 'br', 'link', 'input', 'hr'}
 
 
@@ -196,6 +198,7 @@ class _Page(html.parser.HTMLParser):
     super().__init__()
     self.ids: list[str] = []
     self.links: list[str] = []
+    self.external: list[str] = []  # The findings page, outside the folder.
     self.text: dict[str, str] = {}
     self.stages: list[dict[str, str]] = []
     self.low: list[str] = []
@@ -212,7 +215,8 @@ class _Page(html.parser.HTMLParser):
     if tag == 'img':
       self.links.append(a['src'])
     if tag == 'a' and not a['href'].startswith('#'):
-      self.links.append(a['href'])
+      outside = self._open and self._open[-1][1] == 'findings'
+      (self.external if outside else self.links).append(a['href'])
     if tag == 'tr' and 'data-stage' in a:
       self.stages.append(a)
     if tag not in VOID:
@@ -294,6 +298,11 @@ def test_analyze_simple_compared_with_deep(trained_simple, trained_deep,
   assert [s for s in doc.ids if s in summary['sections']] == summary['sections']
   _check_links(out, doc)
   assert set(pngs) <= set(doc.links)
+  findings = REPO / 'experiments' / 'FINDINGS.md'
+  assert doc.external == ([findings.as_uri()] if findings.is_file() else [])
+  assert 'experiments/FINDINGS.md' in doc.text['findings']
+  assert f'{summary["num_params"]:,}' in doc.text['model-summary']
+  assert 'conv1' in doc.text['model-summary']
 
   # Headline numbers: the run's own final evaluation of the same params.
   with open(os.path.join(workdir, 'results.json')) as f:

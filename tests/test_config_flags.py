@@ -22,6 +22,8 @@ def test_flagfile_config_reads_the_recipes():
               'simple_cnn', 1, 1.2e-2, 'onecycle', 0.99, 0.1, False)
   assert deep.batch_norm and deep.augment
   assert deep.best_metric == 'val_loss' and deep.epochs == 18
+  ensemble = config_flags.config_from_flagfile(str(CONFIGS / 'ensemble.flags'))
+  assert ensemble == dataclasses.replace(deep, num_models=3)
   # Parsed privately: the process's own flags are left alone.
   assert set(flags.FLAGS) == before
 

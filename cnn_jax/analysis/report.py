@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 from typing import Any, Sequence
 
 from absl import logging
@@ -26,7 +27,7 @@ import jax
 import numpy as np
 
 from cnn_jax import evaluate as evaluate_lib
-from cnn_jax import inference, input_pipeline, models
+from cnn_jax import inference, input_pipeline, models, registry
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.analysis import (captions, compare as compare_lib, evaluation,
                               internals, members, metrics, page, plots)
@@ -34,6 +35,18 @@ from cnn_jax.analysis.files import ReportFiles, clean_previous
 from cnn_jax.config import Config, CnnJaxError
 
 NUM_SAMPLES = 32
+# The ablation studies' page, in the repository this package runs from.
+FINDINGS = 'experiments/FINDINGS.md'
+
+
+def findings_link() -> dict[str, str]:
+  """Where the report points for the ablation findings: the file itself
+  when the package runs from a checkout that has it, else its repo path."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__)))), FINDINGS)
+  return {'text': FINDINGS,
+          'href': pathlib.Path(path).as_uri() if os.path.isfile(path) else ''}
+
 NUM_SALIENCY = 8  # Of each kind (correct / mistakes).
 
 
@@ -199,6 +212,8 @@ def analyze(config: Config, workdir: str,
                'figures': files.figures('data')},
       'arch': {'stages': _stage_rows(arch), 'lessons': inside['lessons'],
                'total': arch.num_params,
+               'tabulate': registry.summary(first.config, info.num_classes,
+                                            info.image_shape),
                'note': (f'This workdir holds {len(networks)} networks. The '
                         'architecture, feature maps, filters and training '
                         f'history below are those of the first '
@@ -221,6 +236,7 @@ def analyze(config: Config, workdir: str,
                    'figures': files.figures('mistakes')},
       'compare': compared,
       'ensemble': ensemble,
+      'findings': findings_link(),
       'reference': {
           'per_class_rows': evaluated['per_class_rows'],
           'any_low': any(r['below_overall']
