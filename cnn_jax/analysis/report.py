@@ -35,6 +35,7 @@ from cnn_jax.analysis.files import ReportFiles, clean_previous
 from cnn_jax.config import Config, CnnJaxError
 
 NUM_SAMPLES = 32
+NUM_SALIENCY = 8  # Of each kind (correct / mistakes).
 # The ablation studies' page, in the repository this package runs from.
 FINDINGS = 'experiments/FINDINGS.md'
 
@@ -42,12 +43,8 @@ FINDINGS = 'experiments/FINDINGS.md'
 def findings_link() -> dict[str, str]:
   """Where the report points for the ablation findings: the file itself
   when the package runs from a checkout that has it, else its repo path."""
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__)))), FINDINGS)
-  return {'text': FINDINGS,
-          'href': pathlib.Path(path).as_uri() if os.path.isfile(path) else ''}
-
-NUM_SALIENCY = 8  # Of each kind (correct / mistakes).
+  path = pathlib.Path(__file__).resolve().parents[2] / FINDINGS
+  return {'text': FINDINGS, 'href': path.as_uri() if path.is_file() else ''}
 
 
 def _check_examples(examples: Sequence[int], n: int) -> list[int]:
