@@ -76,17 +76,15 @@ class Config:
   # Model.
   model: str = _f('simple_cnn', 'Model from the registry '
                   '(cnn_jax/registry.py): simple_cnn, deep_cnn.')
-  width_multiplier: float = _f(1.0, 'Scales every conv layer\'s filter count '
+  model_options: dict[str, Any] = dataclasses.field(
+      default_factory=dict, metadata={'help': (
+          'Settings of the --model: fields of its Flax module as key=value '
+          'pairs separated by commas; a list takes several values, e.g. '
+          'features=64,64,64,dense_features=128. Given again (a flagfile, '
+          'then the command line), later keys win.')})
+  width_multiplier: float = _f(1.0, 'Scales the filters (or units) of every '
+                               'layer the model\'s width option lists '
                                '(ablations: 0.5, 1, 2).')
-  conv_features: str = _f('', 'Filters of each conv layer (simple_cnn: 3 '
-                          'numbers) or stage (deep_cnn: 2), comma-separated, '
-                          'e.g. 64,64,64; overrides --width_multiplier. '
-                          'Empty = the model default times the multiplier.')
-  dense_features: int = _f(0, 'Hidden dense width (0 = the model default: '
-                           '64 for simple_cnn, 128 for deep_cnn).')
-  batch_norm: bool = _f(True, 'deep_cnn: use batch normalization.')
-  dropout_rate: float = _f(0.25, 'deep_cnn: dropout rate after conv stages '
-                           'and the hidden dense layer.')
   kernels: str = _f('auto', 'Layers that compute the model in training: '
                     'flax (stock Flax), cpu (cnn_jax.kernels: same params '
                     'and values, faster gradients on CPU) or auto (cpu on '
@@ -137,8 +135,18 @@ class Config:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> 'Config':
+    """A config from ``config.json``'s dict; fields it lacks take their
+    defaults, unknown ones are dropped, and the per-model keys of older
+    files (``dropout_rate``, ``conv_features``, ...) become
+    ``model_options``."""
+    from cnn_jax.registry import upgrade_legacy  # Imports Flax.
+    d = upgrade_legacy(d)
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in names})
+
+  def member_seeds(self) -> list[int]:
+    """The seeds of the run's networks: member k has ``seed + k``."""
+    return [self.seed + k for k in range(self.num_models)]
 
   def replace(self, **kw: Any) -> 'Config':
     return dataclasses.replace(self, **kw)
@@ -153,9 +161,14 @@ def validate(config: Config) -> Config:
   def bad(msg: str) -> None:
     raise CnnJaxError(msg)
 
-  from cnn_jax.registry import MODELS  # Imports Flax; the names live there.
-  models = (*MODELS, ENSEMBLE) if config.members else tuple(MODELS)
-  choices = {'model': models, 'optimizer': OPTIMIZERS,
+  from cnn_jax import registry  # Imports Flax; the models live there.
+  if config.model == ENSEMBLE and config.members:
+    options = {}
+    if config.model_options:
+      bad('an ensemble workdir has no --model_options')
+  else:
+    options = registry.normalize_options(config.model, config.model_options)
+  choices = {'optimizer': OPTIMIZERS,
              'lr_schedule': SCHEDULES, 'dtype': DTYPES, 'kernels': KERNELS,
              'best_metric': BEST_METRICS}
   for name, allowed in choices.items():
@@ -171,13 +184,13 @@ def validate(config: Config) -> Config:
     if not (v > 0 and math.isfinite(v)):
       bad(f'--{name} must be a positive number, got {v}')
   for name in ('val_examples', 'train_examples', 'test_examples',
-               'dense_features', 'checkpoint_every_steps', 'warmup_epochs',
+               'checkpoint_every_steps', 'warmup_epochs',
                'weight_decay', 'grad_clip_norm', 'aug_max_shift',
                'aug_max_rotation'):
     v = getattr(config, name)
     if not (v >= 0 and math.isfinite(v)):
       bad(f'--{name} must be >= 0, got {v}')
-  for name in ('dropout_rate', 'label_smoothing', 'momentum', 'adam_b1',
+  for name in ('label_smoothing', 'momentum', 'adam_b1',
                'adam_b2', 'aug_max_scale'):  # A zoom of 1 could flip.
     v = getattr(config, name)
     if not 0 <= v < 1:
@@ -186,13 +199,10 @@ def validate(config: Config) -> Config:
       'cosine', 'onecycle'):
     bad(f'--warmup_epochs ({config.warmup_epochs}) must be less than --epochs '
         f'({config.epochs})')
-  if config.conv_features:
-    parts = config.conv_features.split(',')
-    if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-      bad(f'--conv_features={config.conv_features!r} must be positive '
-          'integers separated by commas, e.g. 32,64,64')
   if not 0 <= config.tta <= 8:
     bad(f'--tta must be between 0 and 8 (shifted copies), got {config.tta}')
   if not config.dataset.strip():
     bad('--dataset must name a TFDS dataset')
-  return config
+  if options == config.model_options:
+    return config
+  return config.replace(model_options=options)

@@ -115,7 +115,8 @@ def trained_simple(tmp_path_factory) -> tuple[Config, str]:
 def trained_deep(tmp_path_factory) -> tuple[Config, str]:
   """(config, workdir) of a small DeepCNN trained 1 epoch on mock data."""
   return _train_tiny(tmp_path_factory.mktemp('deep'), model='deep_cnn',
-                     width_multiplier=0.25, dense_features=16)
+                     width_multiplier=0.25,
+                     model_options={'dense_features': 16})
 
 
 @pytest.fixture(scope='session')

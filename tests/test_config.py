@@ -28,9 +28,11 @@ BAD_VALUES = [
     # Test-time augmentation: up to 8 one-pixel shifts.
     ('tta', -1, '--tta must be between 0 and 8'),
     ('tta', 9, '--tta must be between 0 and 8'),
-    # Filters per conv layer.
-    ('conv_features', '32,,64', "--conv_features='32,,64' must be positive"),
-    ('conv_features', '32,0,64', '--conv_features'),
+    # Model options: the module's fields, typed and checked.
+    ('model_options', {'features': '32,,64'}, 'must be whole numbers'),
+    ('model_options', {'features': '32,0,64'},
+     'features=32,0,64 for --model=simple_cnn must be positive'),
+    ('model_options', {'dropout_rate': 0.5}, 'simple_cnn has no dropout_rate'),
     # 'ensemble' is the model of --mode=ensemble workdirs only.
     ('model', 'ensemble', "unknown --model='ensemble'"),
     # Positive finite numbers.
@@ -44,7 +46,6 @@ BAD_VALUES = [
     ('val_examples', -1, '--val_examples must be >= 0, got -1'),
     ('train_examples', -1, '--train_examples must be >= 0'),
     ('test_examples', -1, '--test_examples must be >= 0'),
-    ('dense_features', -1, '--dense_features must be >= 0'),
     ('checkpoint_every_steps', -1, '--checkpoint_every_steps must be >= 0'),
     ('warmup_epochs', -0.5, '--warmup_epochs must be >= 0'),
     ('warmup_epochs', NAN, '--warmup_epochs must be >= 0'),
@@ -56,8 +57,6 @@ BAD_VALUES = [
     ('aug_max_shift', INF, '--aug_max_shift must be >= 0'),
     ('aug_max_rotation', -5.0, '--aug_max_rotation must be >= 0'),
     # Fractions in [0, 1).
-    ('dropout_rate', 1.0, '--dropout_rate must be in [0, 1), got 1.0'),
-    ('dropout_rate', -0.1, '--dropout_rate must be in [0, 1)'),
     ('label_smoothing', 1.0, '--label_smoothing must be in [0, 1)'),
     ('label_smoothing', NAN, '--label_smoothing must be in [0, 1)'),
     ('momentum', 1.0, '--momentum must be in [0, 1)'),
@@ -97,7 +96,8 @@ def test_good_configs_pass_unchanged():
   assert validate(config) is config
   edge = Config(model='deep_cnn', optimizer='nesterov', lr_schedule='step',
                 dtype='bfloat16', kernels='flax', best_metric='val_loss',
-                val_examples=0, dropout_rate=0.0, momentum=0.0,
+                val_examples=0, model_options={'dropout_rate': 0.0},
+                momentum=0.0,
                 aug_max_scale=0.99, weight_decay=0.0, grad_clip_norm=0.0,
                 width_multiplier=0.25, learning_rate=1e-9)
   assert validate(edge) is edge

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from absl import flags
 
@@ -20,7 +21,7 @@ def test_flagfile_config_reads_the_recipes():
   assert (fast.model, fast.epochs, fast.learning_rate, fast.lr_schedule,
           fast.adam_b2, fast.label_smoothing, fast.augment) == (
               'simple_cnn', 1, 1.2e-2, 'onecycle', 0.99, 0.1, False)
-  assert deep.batch_norm and deep.augment
+  assert deep.model_options == {} and deep.augment  # The defaults: BN, 0.25.
   assert deep.best_metric == 'val_loss' and deep.epochs == 18
   ensemble = config_flags.config_from_flagfile(str(CONFIGS / 'ensemble.flags'))
   assert ensemble == dataclasses.replace(deep, num_models=3)
@@ -37,3 +38,16 @@ def test_overrides_and_defaults():
   fv(['prog'])
   assert config_flags.config_from_flags(fv) == Config()
   assert {f.name for f in dataclasses.fields(Config)} <= set(fv)
+
+
+def test_model_options_merge_flagfile_then_command_line(tmp_path):
+  recipe = tmp_path / 'r.flags'
+  recipe.write_text('--model=deep_cnn\n'
+                    '--model_options=dropout_rate=0.5,stage_features=16,32\n')
+  config = config_flags.config_from_argv(
+      [f'--flagfile={recipe}', '--model_options=dropout_rate=0.1',
+       '--model_options=batch_norm=false'])
+  assert config.model_options == {'batch_norm': False, 'dropout_rate': 0.1,
+                                  'stage_features': [16, 32]}
+  # Recorded in config.json as typed values, read back the same.
+  assert Config.from_dict(json.loads(config.to_json())) == config

@@ -30,7 +30,12 @@ def _cli(*args, env=None, timeout=120):
     (['--batch_size=-4'], '--batch_size must be a positive integer'),
     (['--learning_rate=0'], '--learning_rate must be a positive number'),
     (['--learning_rate=nan'], '--learning_rate must be a positive number'),
-    (['--dropout_rate=1.5'], '--dropout_rate must be in [0, 1)'),
+    (['--model=deep_cnn', '--model_options=dropout_rate=1.5'],
+     'dropout_rate=1.5 for --model=deep_cnn must be in [0, 1)'),
+    (['--dropout_rate=0.5'], '--dropout_rate was replaced by --model_options; '
+     'use --model_options=dropout_rate=0.5'),
+    (['--nobatch_norm'], 'use --model_options=batch_norm=false'),
+    (['--model_options=depth=3'], 'simple_cnn has no depth'),
     (['--mode=serve'], "unknown --mode='serve'"),
     (['--dataset=not_a_dataset'], "unknown --dataset='not_a_dataset'"),
     (['--kernels=fast'], "unknown --kernels='fast'"),
@@ -38,7 +43,8 @@ def _cli(*args, env=None, timeout=120):
     (['--no_such_flag=1'], "Unknown command line flag 'no_such_flag'"),
     (['--num_models=0'], '--num_models must be a positive integer'),
     (['--tta=9'], '--tta must be between 0 and 8'),
-    (['--conv_features=32,x'], '--conv_features'),
+    (['--conv_features=32,64'], '--conv_features was replaced by '
+     '--model_options'),
 ])
 def test_bad_flags_fail_with_one_line_and_no_traceback(tmp_path, args,
                                                        message):

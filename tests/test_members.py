@@ -30,7 +30,8 @@ def runs(tmp_path_factory):
   single runs of its seeds: {'k2': (config, workdir, results), 0: ..., 1: ...}."""
   root = tmp_path_factory.mktemp('members')
   config = tiny_config(root / 'tfds', model='deep_cnn', epochs=2,
-                       width_multiplier=0.25, dense_features=16, augment=True,
+                       width_multiplier=0.25,
+                       model_options={'dense_features': 16}, augment=True,
                        seed=3)
   out = {}
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
@@ -97,14 +98,15 @@ def _args(workdir: pathlib.Path, data_dir: pathlib.Path) -> list[str]:
   return [str(procs.HELPERS / 'mock_main.py'), f'--workdir={workdir}',
           f'--tfds_data_dir={data_dir}', '--download=false',
           '--model=deep_cnn', '--width_multiplier=0.25',
-          '--dense_features=16', '--augment', '--num_models=2',
+          '--model_options=dense_features=16', '--augment', '--num_models=2',
           '--epochs=2', '--batch_size=32', '--val_examples=64',
           '--eval_batch_size=64', '--log_every_steps=2',
           '--checkpoint_every_steps=2', '--host_devices=1']
 
 
 def _final_state(workdir: pathlib.Path):
-  config = Config(model='deep_cnn', width_multiplier=0.25, dense_features=16,
+  config = Config(model='deep_cnn', width_multiplier=0.25,
+                  model_options={'dense_features': 16},
                   num_models=2, epochs=2, batch_size=32)
   target = train.create_train_state(
       config, registry.create_model(config, 10), (28, 28, 1), 6)

@@ -30,8 +30,9 @@ FLAGS = dict(model='simple_cnn', epochs=4, batch_size=32, val_examples=64,
              eval_batch_size=64, learning_rate=1e-3, log_every_steps=2,
              checkpoint_every_steps=2, host_devices=1)
 # DeepCNN with every stateful or random part, data-parallel on 2 devices.
-DEEP_2DEV = dict(model='deep_cnn', batch_norm='true', dropout_rate=0.25,
-                 augment='true', width_multiplier=0.25, dense_features=16,
+DEEP_2DEV = dict(model='deep_cnn',
+                 model_options='batch_norm=true,dropout_rate=0.25,'
+                 'dense_features=16', augment='true', width_multiplier=0.25,
                  epochs=2, host_devices=2)
 STEP_LINE = re.compile(r'epoch \d+/\d+ step (\d+)/(\d+) ')
 

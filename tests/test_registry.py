@@ -37,8 +37,9 @@ def test_kernels_are_chosen_by_setting_and_backend():
 
 def test_config_fields_reach_the_model():
   m = registry.create_model(
-      Config(model='deep_cnn', width_multiplier=0.5, dense_features=16,
-             dropout_rate=0.1, batch_norm=False, dtype='bfloat16'), 7)
+      Config(model='deep_cnn', width_multiplier=0.5, dtype='bfloat16',
+             model_options={'dense_features': 16, 'dropout_rate': 0.1,
+                            'batch_norm': False}), 7)
   assert (m.num_classes, tuple(m.stage_features), m.dense_features,
           m.dropout_rate, m.batch_norm, m.dtype) == (
               7, (16, 32), 16, 0.1, False, jnp.bfloat16)
@@ -61,7 +62,8 @@ def test_cpu_kernels_compute_the_stock_model(name):
   Dropout off: the CPU kernel draws other masks than Flax's (its own test
   checks its semantics).
   """
-  config = Config(model=name, dropout_rate=0.0)
+  config = Config(model=name, model_options=(
+      {'dropout_rate': 0.0} if name == 'deep_cnn' else {}))
   fast = registry.create_model(config.replace(kernels='cpu'), 10)
   stock = registry.create_model(config.replace(kernels='flax'), 10)
   variables = models.init_variables(stock, jax.random.PRNGKey(0), (28, 28, 1))
@@ -92,15 +94,72 @@ def test_kernel_names_live_in_one_place():
   assert config.KERNELS is kernels.KERNELS
 
 
-def test_conv_features_set_each_layer():
-  m = registry.create_model(Config(conv_features='64,64,128',
-                                   width_multiplier=0.5), 10)
+def test_width_options_set_each_layer_and_the_multiplier_scales_them():
+  m = registry.create_model(Config(model_options={'features': '64,64,128'}),
+                            10)
   assert tuple(m.features) == (64, 64, 128)
-  d = registry.create_model(Config(model='deep_cnn', conv_features='8,16'), 10)
+  half = registry.create_model(Config(model_options={'features': [64, 64, 128]},
+                                      width_multiplier=0.5), 10)
+  assert tuple(half.features) == (32, 32, 64)
+  d = registry.create_model(
+      Config(model='deep_cnn', model_options={'stage_features': '8,16'}), 10)
   assert tuple(d.stage_features) == (8, 16)
-  with pytest.raises(CnnJaxError, match="gives 2 widths; --model=simple_cnn "
-                     'takes 3'):
-    registry.create_model(Config(conv_features='8,16'), 10)
+
+
+def test_options_are_the_modules_plain_fields():
+  assert {name: o.kind for name, o in registry.options('deep_cnn').items()} == {
+      'stage_features': 'ints', 'convs_per_stage': 'int',
+      'dense_features': 'int', 'dropout_rate': 'float', 'batch_norm': 'bool'}
+  assert registry.options('simple_cnn')['features'].default == [32, 64, 64]
+  for name in registry.MODELS:
+    assert not {'num_classes', 'dtype', 'conv', 'pool', 'norm',
+                'dropout'} & set(registry.options(name))
+
+
+def test_options_parse_merge_and_normalize():
+  raw = registry.parse_options(['features=16,32,32,dense_features=8',
+                                'dense_features=64'])
+  assert raw == {'features': '16,32,32', 'dense_features': '64'}
+  # Typed, checked, and the value equal to the default left out.
+  assert registry.normalize_options('simple_cnn', raw) == {
+      'features': [16, 32, 32]}
+  assert registry.normalize_options('deep_cnn', {
+      'batch_norm': 'false', 'dropout_rate': '0.25'}) == {'batch_norm': False}
+
+
+@pytest.mark.parametrize('model,given,match', [
+    ('simple_cnn', {'dropout_rate': '0.5'},
+     'simple_cnn has no dropout_rate; its options'),
+    ('deep_cnn', {'dropout_rate': '1'}, r'must be in \[0, 1\)'),
+    ('deep_cnn', {'batch_norm': 'maybe'}, 'must be true or false'),
+    ('deep_cnn', {'convs_per_stage': '1.5'}, 'must be a whole number'),
+    ('simple_cnn', {'features': '32,0'}, 'must be positive whole numbers'),
+    ('simple_cnn', {'dense_features': '-3'}, 'must be positive'),
+])
+def test_bad_options_are_one_line_errors(model, given, match):
+  with pytest.raises(CnnJaxError, match=match):
+    registry.normalize_options(model, given)
+
+
+@pytest.mark.parametrize('text', ['5', '=3', 'a b=1'])
+def test_options_that_are_not_pairs_are_errors(text):
+  with pytest.raises(CnnJaxError, match='--model_options'):
+    registry.parse_options(text)
+
+
+def test_legacy_keys_of_older_config_files_become_options():
+  old = {'model': 'deep_cnn', 'conv_features': '16,32', 'dense_features': 0,
+         'batch_norm': False, 'dropout_rate': 0.25, 'seed': 3}
+  assert registry.upgrade_legacy(old) == {
+      'model': 'deep_cnn', 'seed': 3,
+      'model_options': {'batch_norm': False, 'stage_features': [16, 32]}}
+  simple = registry.upgrade_legacy({'model': 'simple_cnn', 'conv_features': '',
+                                    'dense_features': 32, 'batch_norm': True,
+                                    'dropout_rate': 0.25})
+  assert simple == {'model': 'simple_cnn',
+                    'model_options': {'dense_features': 32}}
+  assert Config.from_dict(old).model_options == {
+      'batch_norm': False, 'stage_features': [16, 32]}
 
 
 def test_summary_tabulates_layers_shapes_and_params():

@@ -31,8 +31,9 @@ def _state_and_batch(model_name: str, **kw):
 
 @pytest.mark.parametrize('model_name', ['simple_cnn', 'deep_cnn'])
 def test_train_step_lowers_loss_on_a_fixed_batch(model_name):
-  config, state, images, labels = _state_and_batch(model_name,
-                                                   dropout_rate=0.0)
+  config, state, images, labels = _state_and_batch(
+      model_name, model_options=({'dropout_rate': 0.0}
+                                 if model_name == 'deep_cnn' else {}))
   step = jax.jit(lambda s: train.train_step(s, images, labels, config, 10))
   losses = []
   for _ in range(30):
@@ -249,7 +250,8 @@ def test_is_better_follows_the_chosen_metric():
 def test_same_seed_gives_identical_runs_and_other_seed_differs(mock_tfds,
                                                                tmp_path):
   config = tiny_config(tmp_path / 'tfds', model='deep_cnn', augment=True,
-                       width_multiplier=0.25, dense_features=16)
+                       width_multiplier=0.25,
+                     model_options={'dense_features': 16})
   a = train.train_and_evaluate(config, str(tmp_path / 'a'))
   b = train.train_and_evaluate(config, str(tmp_path / 'b'))
   c = train.train_and_evaluate(config.replace(seed=1), str(tmp_path / 'c'))

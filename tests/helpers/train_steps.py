@@ -56,7 +56,9 @@ def make_config(model: str, dtype: str = 'float32', **overrides: Any):
   from cnn_jax.config import Config
   base = dict(model=model, dtype=dtype, batch_size=BATCH_SIZE,
               eval_batch_size=64, learning_rate=3e-3, seed=0,
-              width_multiplier=0.25, dense_features=16, dropout_rate=0.25)
+              width_multiplier=0.25, model_options=(
+                  {'dense_features': 16} if model != 'deep_cnn' else
+                  {'dense_features': 16, 'dropout_rate': 0.25}))
   base.update(overrides)
   return Config(**base)
 
