@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Sequence
+from typing import Sequence
 
 from absl import logging
 
 from cnn_jax import evaluate, inference, input_pipeline
+from cnn_jax import results as results_lib
 from cnn_jax import workdir as workdir_lib
 from cnn_jax import checkpointing
 from cnn_jax.config import Config, CnnJaxError, ENSEMBLE, validate
@@ -60,7 +61,7 @@ def _copy_member(path: str, dest: str) -> None:
 
 
 def build(config: Config, members: Sequence[str], out: str
-          ) -> dict[str, Any]:
+          ) -> results_lib.Results:
   """Writes the ensemble workdir ``out``; returns its ``results.json``.
 
   ``config`` gives the data location and evaluation settings (``tta``,
@@ -105,31 +106,20 @@ def build(config: Config, members: Sequence[str], out: str
   data = input_pipeline.load(ensemble_config, splits=(
       ('val', 'test') if same_val else ('test',)))
   evaluate.check_compatible(ens.info, data.info)
-  results = evaluate.score(ens, data.test.images, data.test.labels)
-  if same_val:
-    results.update(evaluate.score(ens, data.val.images, data.val.labels,
-                                  prefix='val'))
-  accuracies = results.pop('member_test_accuracy')
-  results.pop('tta_member_test_accuracy', None)
-  results.pop('member_val_accuracy', None)
-  results.pop('tta_member_val_accuracy', None)
-  results.update(
+  test = evaluate.score(ens, data.test.images, data.test.labels, ens.tta)
+  val = (evaluate.score(ens, data.val.images, data.val.labels)
+         if same_val else None)
+  results = results_lib.Results(
       model=ENSEMBLE, dataset=ens.info.name, test_examples=len(data.test),
-      num_members=ens.num_members,
-      members=[{'workdir': path, 'copy': f'{MEMBERS_DIR}/{i}',
-                'model': c.model, 'num_models': c.num_models,
-                'seeds': [c.seed + k for k in range(c.num_models)]}
-               for i, (path, c) in enumerate(zip(members, configs))])
-  # Each network's own test accuracy, in member order.
-  networks = ens.members
-  for entry in results['members']:
-    entry['test_accuracy'] = [
-        a for a, n in zip(accuracies, networks)
-        if n.workdir == os.path.join(out, entry['copy'])]
-    if len(entry['test_accuracy']) == 1:
-      entry['test_accuracy'] = entry['test_accuracy'][0]
-  workdir_lib.write_json(os.path.join(out, workdir_lib.RESULTS), results)
+      members=evaluate.member_results(
+          ens, test, evaluate.member_names(ens, ensemble_config)),
+      ensemble=evaluate.ensemble_scores(test, val), tta=ens.tta,
+      sources=tuple({'workdir': path, 'copy': f'{MEMBERS_DIR}/{i}',
+                     'model': c.model, 'num_models': c.num_models,
+                     'seeds': c.member_seeds()}
+                    for i, (path, c) in enumerate(zip(members, configs))))
+  workdir_lib.write_results(out, results)
   logging.info('ensemble of %d members: test accuracy %.2f%% (vote %.2f%%)',
-               ens.num_members, 100 * results['test_accuracy'],
-               100 * results['vote_accuracy'])
+               ens.num_members, 100 * results.ensemble.test_accuracy,
+               100 * results.ensemble.vote_accuracy)
   return results

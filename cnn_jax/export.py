@@ -25,7 +25,8 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 
-from cnn_jax import inference, input_pipeline, models
+from cnn_jax import inference, input_pipeline
+from cnn_jax import results as results_lib
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.config import Config, CnnJaxError
 
@@ -114,17 +115,17 @@ def probability_fn(ensemble: inference.Ensemble
   XLA's own convolution is the fastest forward pass on every platform, so
   one multi-platform artifact is fast everywhere.
   """
-  runs = [(run.model, jax.device_get(run.variables), run.num_members > 1)
+  runs = [(run.model, jax.device_get(run.variables), run.num_members)
           for run in ensemble.runs]
 
   def probabilities(images: jax.Array) -> jax.Array:
     x = input_pipeline.normalize(images)
     total = 0.0
-    for model, variables, stacked in runs:
-      apply = lambda v, model=model: jax.nn.softmax(
-          model.apply(v, x, train=False).astype(jnp.float32), axis=-1)
-      total += (jax.vmap(apply)(variables).sum(0) if stacked
-                else apply(variables))
+    for model, variables, members in runs:
+      for k in range(members):
+        v = jax.tree_util.tree_map(lambda a, k=k: a[k], variables)
+        total += jax.nn.softmax(
+            model.apply(v, x, train=False).astype(jnp.float32), axis=-1)
     return total / ensemble.num_members
 
   return probabilities
@@ -177,12 +178,14 @@ def _save_tf(fn: Callable[[jax.Array], jax.Array],
 
 
 def signature(config: Config, ensemble: inference.Ensemble,
-              exported: jax.export.Exported, results: dict[str, Any],
+              exported: jax.export.Exported,
+              results: results_lib.Results | None,
               saved_model: str | None) -> dict[str, Any]:
   """The contents of ``signature.json``: how to call the artifact, what it
   expects (the input contract) and what it returns."""
   info = ensemble.info
-  members = ensemble.members
+  networks = ensemble.networks
+  single = networks[0] if len(networks) == 1 else None
   return {
       'format': 'jax.export serialized StableHLO (jax.export.deserialize)',
       'file': MODEL_FILE,
@@ -198,16 +201,14 @@ def signature(config: Config, ensemble: inference.Ensemble,
       'preprocessing': PREPROCESSING,
       'model': config.model,
       'dataset': info.name,
-      'num_params': sum(
-          models.count_params(run.variables['params']) for run in
-          ensemble.runs),
-      'num_members': len(members),
-      'best_epoch': members[0].best_epoch if len(members) == 1 else None,
-      'val_accuracy': members[0].val_accuracy if len(members) == 1 else None,
-      'members': [{'model': m.model, 'seed': m.seed,
-                   'best_epoch': m.best_epoch, 'val_accuracy': m.val_accuracy}
-                  for m in members],
-      'test_accuracy': results.get('test_accuracy'),
+      'num_params': ensemble.num_params(),
+      'num_members': len(networks),
+      'best_epoch': single.best_epoch if single else None,
+      'val_accuracy': single.best_val_accuracy if single else None,
+      'members': [{'model': n.model, 'seed': n.seed,
+                   'best_epoch': n.best_epoch,
+                   'val_accuracy': n.best_val_accuracy} for n in networks],
+      'test_accuracy': results.accuracy if results else None,
       'config': json.loads(config.to_json()),
   }
 

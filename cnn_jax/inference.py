@@ -6,8 +6,10 @@ its dataset info from the workdir alone: no TFDS, no data dir, no network.
 of images in batches, sharded over a 1-D ``data`` mesh of the devices, for
 one network or for the stacked members of a ``--num_models`` run, optionally
 averaged over shifted copies of each image (test-time augmentation).
-`Ensemble` averages the members of one or more runs, and `load` restores any
-workdir (a run, a many-member run or a ``--mode=ensemble`` workdir) as one.
+`restore` gives any run as K networks stacked on a leading axis (K = 1 for a
+single run), so what follows treats one network and many alike. `Ensemble`
+averages the networks of one or more runs, and `load` restores any workdir
+(a run, a many-member run or a ``--mode=ensemble`` workdir) as one.
 Evaluation, analysis, prediction and export use these, and the trainer
 validates with a `Predictor` too.
 """
@@ -52,8 +54,10 @@ def shift(x: jax.Array, dy: int, dx: int) -> jax.Array:
 class Predictor:
   """Eval-mode outputs of one model over whole arrays of uint8 images.
 
-  With ``members=K`` the variables carry a leading axis of K stacked
-  networks (a ``--num_models`` run) and every output gets that axis too.
+  With ``members=K`` (K >= 1) the variables carry a leading axis of K
+  stacked networks (a ``--num_models`` run; one for a restored single run)
+  and every output gets that axis too; ``members=0`` takes one network's
+  variables as they are (a training state).
   """
 
   def __init__(self, model: nn.Module, batch_size: int = 1000,
@@ -72,12 +76,14 @@ class Predictor:
                                         lambda idx: array[idx])
 
   def _apply(self, variables: Any, x: jax.Array) -> jax.Array:
+    apply = lambda v: self.model.apply(v, x, train=False)
     if not self.members:
-      return self.model.apply(variables, x, train=False)
+      return apply(variables)
+    if self.members == 1:
+      return apply(jax.tree_util.tree_map(lambda a: a[0], variables))[None]
     # Member by member: vmapped convolutions become grouped ones, which
     # XLA:CPU runs several times slower; forward passes gain nothing here.
-    return jax.lax.map(lambda v: self.model.apply(v, x, train=False),
-                       variables)
+    return jax.lax.map(apply, variables)
 
   def _scan(self, kind: str, tta: int) -> Callable:
     """Jitted scan over batches: logits, or probabilities averaged over
@@ -139,7 +145,12 @@ class Predictor:
                labels: np.ndarray | jax.Array) -> list[dict[str, float]]:
     """Mean cross-entropy and accuracy, one dict per member (one if not
     stacked), from the logits."""
-    logits = self.logits(variables, images)
+    return self.evaluate_logits(self.logits(variables, images), labels)
+
+  def evaluate_logits(self, logits: jax.Array,
+                      labels: np.ndarray | jax.Array
+                      ) -> list[dict[str, float]]:
+    """`evaluate` of logits this predictor computed."""
     if not self.members:
       logits = logits[None]
     return [losses.summarize(_metrics(member, labels)) for member in logits]
@@ -152,31 +163,67 @@ def _metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
 
 
 @dataclasses.dataclass(frozen=True)
+class Network:
+  """One trained network of a workdir: where it comes from and how its
+  checkpoint was chosen (its variables live in its `Restored` run)."""
+
+  name: str
+  model: str
+  seed: int
+  workdir: str
+  best_epoch: int | None
+  best_val_accuracy: float | None
+  best_val_loss: float | None
+
+
+def best_members(meta: dict[str, Any]) -> list[dict[str, Any]]:
+  """The best checkpoint's per-network metadata (``epoch``, ``loss``,
+  ``accuracy``), of either layout: ``{'members': [...]}``, or one network's
+  at the top level (single runs saved before the layout was shared)."""
+  return list(meta['members']) if 'members' in meta else [meta]
+
+
+def stack(variables: Any) -> Any:
+  """One network's variables with a leading member axis of 1."""
+  return jax.tree_util.tree_map(lambda a: a[None], variables)
+
+
+@dataclasses.dataclass(frozen=True)
 class Restored:
-  """A run's best checkpoint, ready for forward passes."""
+  """A run's best checkpoint, ready for forward passes: K networks (K = 1
+  for a single run), their variables stacked on a leading member axis."""
 
   config: Config
   info: input_pipeline.DatasetInfo
   model: nn.Module
-  variables: Any  # With a leading member axis when num_models > 1.
-  meta: dict[str, Any]  # The best epoch's: epoch, step, val loss/accuracy.
+  variables: Any  # Every leaf [K, ...].
+  networks: tuple[Network, ...]
   workdir: str = ''
 
   @property
   def num_members(self) -> int:
-    return self.config.num_models
+    return len(self.networks)
 
   def predictor(self, mesh: Mesh | None = None) -> Predictor:
-    members = self.num_members if self.num_members > 1 else 0
-    return Predictor(self.model, self.config.eval_batch_size, mesh, members)
+    return Predictor(self.model, self.config.eval_batch_size, mesh,
+                     self.num_members)
 
-  def member_meta(self) -> list[dict[str, Any]]:
-    """The best epoch's metadata of each member (one for a single run)."""
-    return list(self.meta['members']) if 'members' in self.meta else [
-        self.meta]
+  def network_variables(self, k: int) -> Any:
+    """Network ``k``'s variables, without the member axis."""
+    return jax.tree_util.tree_map(lambda a: a[k], self.variables)
 
-  def member_seeds(self) -> list[int]:
-    return [self.config.seed + k for k in range(self.num_members)]
+
+def networks_of(config: Config, meta: dict[str, Any], workdir: str
+                ) -> tuple[Network, ...]:
+  """The networks of a run (seeds from `Config.member_seeds`) with their
+  best checkpoint's metadata."""
+  seeds = config.member_seeds()
+  return tuple(
+      Network(name=f'{workdir}#seed{seed}' if len(seeds) > 1 else workdir,
+              model=config.model, seed=seed, workdir=workdir,
+              best_epoch=m.get('epoch'), best_val_accuracy=m.get('accuracy'),
+              best_val_loss=m.get('loss'))
+      for seed, m in zip(seeds, best_members(meta)))
 
 
 def restore(workdir: str, config: Config | None = None,
@@ -201,6 +248,7 @@ def restore(workdir: str, config: Config | None = None,
     info = workdir_lib.dataset_info(workdir, config)
     model = registry.create_model(config, info.num_classes, training=False)
     sharding = NamedSharding(mesh or data_mesh(), P())
+    # On disk a single run's variables have no member axis.
     lead = (config.num_models,) if config.num_models > 1 else ()
     target = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct((*lead, *s.shape), s.dtype,
@@ -209,25 +257,16 @@ def restore(workdir: str, config: Config | None = None,
     variables, meta = ckpt.restore_best(target)
   finally:
     ckpt.close()
-  return Restored(config, info, model, variables, meta, workdir)
-
-
-@dataclasses.dataclass(frozen=True)
-class Member:
-  """One network of an ensemble: where it comes from."""
-
-  name: str
-  model: str
-  workdir: str
-  seed: int
-  best_epoch: int | None
-  val_accuracy: float | None
+  if not lead:
+    variables = stack(variables)
+  return Restored(config, info, model, variables,
+                  networks_of(config, meta, workdir), workdir)
 
 
 class Ensemble:
-  """The members of one or more restored runs, probabilities averaged.
+  """The networks of one or more restored runs, probabilities averaged.
 
-  A single run is an ensemble of one member; a ``--num_models=K`` run has
+  A single run is an ensemble of one network; a ``--num_models=K`` run has
   K. All runs must be on the same dataset (classes and image shape).
   """
 
@@ -242,35 +281,36 @@ class Ensemble:
     self.predictors = [run.predictor(mesh) for run in runs]
 
   @property
-  def members(self) -> list[Member]:
-    out = []
-    for run in self.runs:
-      name = run.workdir or run.config.model
-      for seed, meta in zip(run.member_seeds(), run.member_meta()):
-        suffix = f'#seed{seed}' if run.num_members > 1 else ''
-        out.append(Member(name + suffix, run.config.model, run.workdir, seed,
-                          meta.get('epoch'), meta.get('accuracy')))
-    return out
+  def networks(self) -> list[Network]:
+    return [n for run in self.runs for n in run.networks]
 
   @property
   def num_members(self) -> int:
     return sum(run.num_members for run in self.runs)
 
+  def member_logits(self, images: np.ndarray) -> np.ndarray:
+    """``[members, N, classes]`` float32 logits of every network."""
+    return np.concatenate([
+        np.asarray(jax.device_get(p.logits(run.variables, images)))
+        for run, p in zip(self.runs, self.predictors)])
+
   def member_probabilities(self, images: np.ndarray,
                            tta: int | None = None) -> np.ndarray:
-    """``[members, N, classes]`` class probabilities of every member, with
+    """``[members, N, classes]`` class probabilities of every network, with
     the ensemble's test-time augmentation unless ``tta`` says otherwise."""
     tta = self.tta if tta is None else tta
-    out = []
-    for run, predictor in zip(self.runs, self.predictors):
-      p = predictor.probabilities(run.variables, images, tta)
-      out.extend(p if run.num_members > 1 else [p])
-    return np.stack(out)
+    return np.concatenate([p.probabilities(run.variables, images, tta)
+                           for run, p in zip(self.runs, self.predictors)])
 
   def probabilities(self, images: np.ndarray,
                     tta: int | None = None) -> np.ndarray:
-    """``[N, classes]``: the members' probabilities averaged."""
+    """``[N, classes]``: the networks' probabilities averaged."""
     return self.member_probabilities(images, tta).mean(0)
+
+  def num_params(self) -> int:
+    """Parameters of all networks together."""
+    return sum(models.count_params(run.variables['params'])
+               for run in self.runs)
 
 
 def check_same_data(info: input_pipeline.DatasetInfo,

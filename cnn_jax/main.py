@@ -79,8 +79,9 @@ def _print_json(obj: Any) -> None:
   print(json.dumps(obj, indent=2, sort_keys=True))
 
 
-def run(argv: Sequence[str]) -> int:
-  """Dispatches on --mode; returns the process exit code."""
+def run(argv: Sequence[str], hooks: Sequence[Any] = ()) -> int:
+  """Dispatches on --mode; returns the process exit code. ``hooks`` are
+  training hooks (`cnn_jax.train.Hook`), for programs that wrap main."""
   mode, workdir = _MODE.value, _WORKDIR.value
   if mode not in MODES:
     raise CnnJaxError(f'unknown --mode={mode!r}; choose one of: '
@@ -112,7 +113,7 @@ def run(argv: Sequence[str]) -> int:
     started = phases.process_seconds()
     if started is not None:
       logging.info('started in %.2fs (Python and imports)', started)
-    _print_json(train.train_and_evaluate(config, workdir))
+    _print_json(train.train_and_evaluate(config, workdir, hooks))
     return 0
   if mode == 'ensemble':
     if not FLAGS.members:
@@ -120,12 +121,13 @@ def run(argv: Sequence[str]) -> int:
                         '(trained workdirs)')
     config = config_flags.config_from_flags(members='')
     from cnn_jax import ensemble
-    _print_json(ensemble.build(config, FLAGS.members.split(','), workdir))
+    _print_json(ensemble.build(config, FLAGS.members.split(','),
+                               workdir).to_json())
     return 0
   config = saved_config(workdir)
   if mode == 'eval':
     from cnn_jax import evaluate
-    _print_json(evaluate.evaluate_workdir(workdir, config))
+    _print_json(evaluate.evaluate_workdir(workdir, config).to_json())
     return 0
   if mode == 'analyze':
     from cnn_jax.analysis import report
@@ -158,12 +160,12 @@ def _quiet_libraries() -> None:
   logging.get_absl_handler().addFilter(keep)
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str], hooks: Sequence[Any] = ()) -> None:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TF's C++ start-up noise.
   logging.set_verbosity(logging.INFO)
   _quiet_libraries()
   try:
-    code = run(argv)
+    code = run(argv, hooks)
     total = phases.process_seconds()
     if total is not None:
       logging.info('done in %.2fs since the process started', total)
@@ -174,7 +176,7 @@ def main(argv: Sequence[str]) -> None:
     print('error: interrupted', file=sys.stderr)
     sys.exit(130)
   except Exception as e:  # Stop from signals, and only that, is expected.
-    from cnn_jax.train import Stop
+    from cnn_jax.stopping import Stop
     if isinstance(e, Stop):
       print(f'stopped: {e}', file=sys.stderr)
       sys.exit(143)

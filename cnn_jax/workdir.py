@@ -18,14 +18,17 @@ import os
 from typing import Any, Mapping
 
 from absl import logging
+import jax
 
 from cnn_jax import input_pipeline
-from cnn_jax.config import Config, CnnJaxError, EVAL_OVERRIDE_FIELDS, validate
+from cnn_jax import results as results_lib
+from cnn_jax.config import (Config, CnnJaxError, EVAL_OVERRIDE_FIELDS,
+                            RESUMABLE_FIELDS, validate)
 
 CONFIG = 'config.json'
 DATASET_INFO = 'dataset_info.json'
 METRICS = 'metrics.jsonl'
-RESULTS = 'results.json'
+RESULTS = results_lib.FILE
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -51,6 +54,41 @@ def require_run(workdir: str) -> None:
   if not os.path.isfile(os.path.join(workdir, CONFIG)):
     raise CnnJaxError(f'no run found in --workdir={workdir} (it has no '
                       f'{CONFIG}); train first with --mode=train')
+
+
+def config_changes(old: dict[str, Any], config: Config) -> list[str]:
+  """How ``config`` differs from a saved one (``config.json``'s dict), as
+  ``--name=old->new`` for the fields a resumed run may not change."""
+  # Fields added since that run take their defaults, removed ones are
+  # ignored, and older per-model keys become model_options.
+  before = json.loads(Config.from_dict(old).to_json())
+  now = json.loads(config.to_json())
+  return [f'--{k}={before.get(k)!r}->{now[k]!r}' for k in sorted(now)
+          if k not in RESUMABLE_FIELDS and before.get(k) != now[k]]
+
+
+def prepare(config: Config, workdir: str) -> None:
+  """Makes ``workdir`` ready for ``config``'s run, or refuses to mix runs:
+  it must be writable, and a config saved there must match on resume.
+  Saves ``config.json`` (process 0)."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_test.{jax.process_index()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise CnnJaxError(f'--workdir={workdir} is not writable: '
+                      f'{e.strerror or e}') from e
+  path = os.path.join(workdir, CONFIG)
+  if os.path.exists(path):
+    changes = config_changes(read_json(path), config)
+    if changes:
+      raise CnnJaxError(f'--workdir={workdir} holds a run with a different '
+                        f'config ({", ".join(changes[:4])}); use a new '
+                        '--workdir to start another run')
+  if jax.process_index() == 0:
+    write_json(path, json.loads(config.to_json()))
 
 
 def load_config(workdir: str, overrides: Mapping[str, Any] | None = None
@@ -106,16 +144,27 @@ def dataset_info(workdir: str, config: Config
   return info
 
 
-def read_results(workdir: str) -> dict[str, Any]:
-  """``results.json`` of a finished run, or ``{}``."""
+def write_results(workdir: str, results: results_lib.Results) -> None:
+  write_json(os.path.join(workdir, RESULTS), results.to_json())
+
+
+def read_results(workdir: str) -> results_lib.Results | None:
+  """``results.json`` of a finished run (any layout), or None when it has
+  none or it is unreadable (with a warning)."""
   path = os.path.join(workdir, RESULTS)
   if not os.path.exists(path):
-    return {}
+    return None
   try:
-    return read_json(path)
-  except CnnJaxError:
-    logging.warning('ignoring unreadable %s', path)
-    return {}
+    saved = read_json(path)
+    seeds = ()
+    if 'layout' not in saved and os.path.exists(os.path.join(workdir,
+                                                             CONFIG)):
+      seeds = Config.from_dict(read_json(os.path.join(workdir, CONFIG))
+                               ).member_seeds()
+    return results_lib.from_json(saved, seeds)
+  except (CnnJaxError, KeyError, TypeError, ValueError) as e:
+    logging.warning('ignoring unreadable %s (%s)', path, e)
+    return None
 
 
 def read_history(workdir: str) -> list[dict[str, Any]]:

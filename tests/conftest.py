@@ -128,14 +128,13 @@ def interrupted_simple(tmp_path_factory):
   epoch 2 of 6 steps each: copy it before resuming it.
   """
   from cnn_jax import train
-  from helpers.resume import SimulatedCrash, record_chunks, steps_run
+  from helpers.resume import ChunkRecorder, SimulatedCrash
   root = tmp_path_factory.mktemp('interrupted')
   config = tiny_config(root / 'tfds', epochs=2, log_every_steps=2,
                        checkpoint_every_steps=2)
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
     train.train_and_evaluate(config, str(root / 'full'))
-    with pytest.MonkeyPatch.context() as mp:
-      chunks = record_chunks(mp, crash_after=5)
-      with pytest.raises(SimulatedCrash):
-        train.train_and_evaluate(config, str(root / 'crashed'))
-  return config, str(root / 'full'), root / 'crashed', steps_run(chunks)
+    crash = ChunkRecorder(crash_after=5)
+    with pytest.raises(SimulatedCrash):
+      train.train_and_evaluate(config, str(root / 'crashed'), hooks=[crash])
+  return config, str(root / 'full'), root / 'crashed', crash.steps

@@ -14,8 +14,7 @@ from cnn_jax import models, registry, train
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.checkpointing import Checkpointer
 from cnn_jax.config import Config, CnnJaxError
-from helpers.resume import (abstract_state, assert_same_run, record_chunks,
-                            steps_run)
+from helpers.resume import ChunkRecorder, abstract_state, assert_same_run
 
 
 def _state(config: Config):
@@ -194,7 +193,7 @@ def test_latest_of_another_model_is_a_mismatch_not_a_fallback(two_saves,
 
 
 def test_resume_falls_back_past_a_damaged_checkpoint_and_replaces_it(
-    interrupted_simple, mock_tfds, tmp_path, monkeypatch):
+    interrupted_simple, mock_tfds, tmp_path):
   """A real run: the newest save is damaged; the rerun resumes one earlier.
 
   With both saves damaged the rerun stops with one line, deleting nothing.
@@ -207,21 +206,20 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_replaces_it(
   DAMAGE['truncated array files'](latest / '10')
   shutil.copytree(run, all_bad)
 
-  chunks = record_chunks(monkeypatch)
-  train.train_and_evaluate(config, str(run))
-  monkeypatch.undo()
-  assert steps_run(chunks) == [9, 10, 11, 12]  # From step 8, not 10 or 0.
+  chunks = ChunkRecorder()
+  train.train_and_evaluate(config, str(run), hooks=[chunks])
+  assert chunks.steps == [9, 10, 11, 12]  # From step 8, not 10 or 0.
   assert sorted(int(p.name) for p in latest.iterdir()) == [10, 12]
   assert_same_run(full, str(run))
 
   DAMAGE['corrupt array metadata'](all_bad / 'checkpoints' / 'latest' / '8')
   before = _files(all_bad / 'checkpoints')
-  chunks = record_chunks(monkeypatch)
+  chunks = ChunkRecorder()
   with pytest.raises(CnnJaxError) as info:
-    train.train_and_evaluate(config, str(all_bad))
+    train.train_and_evaluate(config, str(all_bad), hooks=[chunks])
   assert str(info.value).startswith('no readable checkpoint among steps '
                                     '[8, 10]')
-  assert '\n' not in str(info.value) and chunks == []
+  assert '\n' not in str(info.value) and chunks.chunks == []
   assert _files(all_bad / 'checkpoints') == before
   assert not (all_bad / 'results.json').exists()
 
@@ -234,10 +232,11 @@ def test_best_checkpoint_of_a_run_is_the_best_validation_epoch(
   target = models.init_variables(registry.create_model(config, 10),
                                  jax.random.PRNGKey(0), (28, 28, 1))
   _, meta = Checkpointer(workdir, read_only=True).restore_best(target)
-  assert meta['epoch'] == best_epoch
-  assert meta['accuracy'] == max(r['val_accuracy'] for r in history)
+  member, = meta['members']
+  assert member['epoch'] == best_epoch
+  assert member['accuracy'] == max(r['val_accuracy'] for r in history)
   with open(pathlib.Path(workdir) / 'results.json') as f:
-    assert json.load(f)['best_epoch'] == best_epoch
+    assert json.load(f)['members'][0]['best_epoch'] == best_epoch
 
 
 def test_mismatched_model_is_a_clear_error(trained_simple):

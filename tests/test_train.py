@@ -7,16 +7,15 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from cnn_jax import losses, models, registry, train
+from cnn_jax import losses, models, registry, stopping, train
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.checkpointing import Checkpointer
 from cnn_jax.config import Config, CnnJaxError
 from conftest import tiny_config
-from helpers.resume import (assert_same_run, final_state, record_chunks,
-                            steps_run)
+from helpers.resume import (ChunkRecorder, SimulatedCrash, assert_same_run,
+                            final_state)
 
 
 def _state_and_batch(model_name: str, **kw):
@@ -51,175 +50,27 @@ def test_deep_cnn_train_step_updates_batch_stats():
                          state.batch_stats['bn1_1']['mean'])
 
 
-LR = 0.1
-
-
-def _optimizer_updates(config: Config, grads: list, params: dict) -> list:
-  """The chain's updates for a sequence of gradients, params moving."""
-  tx = train.make_optimizer(config, 10)
-  opt_state = tx.init(params)
-  out = []
-  for g in grads:
-    updates, opt_state = tx.update(g, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    out.append(updates)
-  return out
-
-
-@pytest.mark.parametrize('optimizer,momentum,factors', [
-    ('sgd', 0.0, [1, 1, 1]),  # u = -lr g
-    ('sgd', 0.5, [1, 1.5, 1.75]),  # v = m v + g; u = -lr v
-    ('nesterov', 0.5, [1.5, 1.75, 1.875]),  # u = -lr (g + m v)
-])
-def test_momentum_and_nesterov_follow_their_update_rules(optimizer, momentum,
-                                                         factors):
-  config = Config(optimizer=optimizer, momentum=momentum, learning_rate=LR)
-  params = {'kernel': jnp.zeros((2, 2)), 'bias': jnp.zeros(2)}
-  grads = [jax.tree_util.tree_map(jnp.ones_like, params)] * 3
-  updates = _optimizer_updates(config, grads, params)
-  for u, factor in zip(updates, factors):
-    for leaf in jax.tree_util.tree_leaves(u):
-      np.testing.assert_allclose(leaf, -LR * factor, rtol=1e-6)
-
-
-def _textbook_updates(optimizer: str, grads: list[np.ndarray], p: np.ndarray,
-                      decayed: bool, momentum: float, weight_decay: float
-                      ) -> list[np.ndarray]:
-  """One leaf's updates by the published formulas, in float64."""
-  b1, b2, eps, rms_decay = 0.9, 0.999, 1e-8, 0.9
-  m = v = np.zeros_like(p)
-  out = []
-  for t, g in enumerate(grads, 1):
-    if optimizer in ('adam', 'adamw'):
-      m = b1 * m + (1 - b1) * g
-      v = b2 * v + (1 - b2) * g * g
-      step = (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
-      if optimizer == 'adamw' and decayed:
-        step = step + weight_decay * p  # Decoupled: not through Adam.
-      u = -LR * step
-    elif optimizer == 'rmsprop':
-      v = rms_decay * v + (1 - rms_decay) * g * g
-      m = momentum * m - LR * g / np.sqrt(v + eps)
-      u = m
-    else:  # sgd with momentum, nesterov.
-      m = momentum * m + g
-      u = -LR * (g + momentum * m if optimizer == 'nesterov' else m)
-    p = p + u
-    out.append(u)
-  return out
-
-
-@pytest.mark.parametrize('optimizer,momentum,weight_decay', [
-    ('sgd', 0.9, 0.0), ('nesterov', 0.9, 0.0), ('adam', 0.9, 0.0),
-    ('adamw', 0.9, 0.05), ('rmsprop', 0.0, 0.0), ('rmsprop', 0.9, 0.0)])
-def test_every_optimizer_matches_its_textbook_update(optimizer, momentum,
-                                                     weight_decay):
-  config = Config(optimizer=optimizer, momentum=momentum,
-                  weight_decay=weight_decay, learning_rate=LR)
-  rng = np.random.default_rng(0)
-  params = {'kernel': rng.normal(size=(3, 2)), 'bias': rng.normal(size=2)}
-  grads = [{k: rng.normal(size=v.shape) for k, v in params.items()}
-           for _ in range(4)]
-  as_f32 = lambda tree: jax.tree_util.tree_map(jnp.float32, tree)
-  got = _optimizer_updates(config, [as_f32(g) for g in grads],
-                           as_f32(params))
-  for name, p in params.items():
-    want = _textbook_updates(optimizer, [g[name] for g in grads], p,
-                             decayed=name == 'kernel', momentum=momentum,
-                             weight_decay=weight_decay)
-    for t, (u, w) in enumerate(zip(got, want)):
-      np.testing.assert_allclose(u[name], w, rtol=2e-5, atol=1e-7,
-                                 err_msg=f'{name} step {t}')
-
-
-def _schedule(name: str, warmup_epochs: float = 0.0) -> np.ndarray:
-  """Learning rates at steps 0..40 of 4 epochs of 10 steps."""
-  config = Config(lr_schedule=name, epochs=4, warmup_epochs=warmup_epochs,
-                  learning_rate=LR)
-  sched = train.make_schedule(config, 10)
-  return np.array([float(sched(s)) for s in range(41)])
-
-
-def test_constant_and_step_schedules_and_their_warmup():
-  steps = np.arange(41)
-  np.testing.assert_allclose(_schedule('constant'), LR)
-  # Step: x0.1 from 50% (step 20) and again from 75% (step 30) of training.
-  step = np.where(steps < 20, LR, np.where(steps < 30, LR / 10, LR / 100))
-  np.testing.assert_allclose(_schedule('step'), step, rtol=1e-6)
-  # Warm-up: linear from 0 to the peak at warmup_epochs * steps_per_epoch
-  # (step 10), then the schedule at the same absolute steps as without it.
-  ramp = LR * steps / 10
-  np.testing.assert_allclose(_schedule('constant', 1.0),
-                             np.where(steps < 10, ramp, LR), rtol=1e-6,
-                             atol=1e-9)
-  np.testing.assert_allclose(_schedule('step', 1.0),
-                             np.where(steps < 10, ramp, step), rtol=1e-6,
-                             atol=1e-9)
-
-
-@pytest.mark.parametrize('warmup', [0, 10])
-def test_cosine_schedule_warms_up_then_decays_to_zero(warmup):
-  steps = np.arange(41)
-  decay = 0.5 * LR * (1 + np.cos(np.pi * (steps - warmup) / (40 - warmup)))
-  want = np.where(steps < warmup, LR * steps / max(warmup, 1), decay)
-  got = _schedule('cosine', warmup / 10)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
-  assert got[warmup] == pytest.approx(LR) and got[-1] == pytest.approx(0.0)
-  assert got[0] == pytest.approx(0.0 if warmup else LR)
-
-
-@pytest.mark.parametrize('warmup_epochs,peak_step', [(0.0, 10), (2.0, 20)])
-def test_onecycle_peaks_at_the_warmup_end(warmup_epochs, peak_step):
-  got = _schedule('onecycle', warmup_epochs)  # Default warm-up: 25%.
-  assert int(np.argmax(got)) == peak_step
-  assert got[peak_step] == pytest.approx(LR)
-  assert got[0] == pytest.approx(LR / 25)  # optax's div_factor.
-  assert got[-1] == pytest.approx(LR / 25 / 1e4)  # And final_div_factor.
-  assert np.all(np.diff(got[:peak_step + 1]) > 0)
-  assert np.all(np.diff(got[peak_step:]) < 0)
-
-
-def test_grad_clip_norm_limits_the_global_norm_only_when_above():
-  config = Config(optimizer='sgd', momentum=0.0, grad_clip_norm=1.0,
-                  learning_rate=LR)
-  params = {'kernel': jnp.zeros((2, 2)), 'bias': jnp.zeros(2)}
-  big = {'kernel': jnp.array([[3.0, 0.0], [0.0, 0.0]]),
-         'bias': jnp.array([0.0, 4.0])}  # Global norm 5.
-  small = jax.tree_util.tree_map(lambda g: g / 10, big)  # Norm 0.5.
-  (clipped,), (kept,) = (_optimizer_updates(config, [g], params)
-                         for g in (big, small))
-  assert float(optax.global_norm(clipped)) == pytest.approx(LR * 1.0)
-  for name in params:
-    np.testing.assert_allclose(clipped[name], -LR * big[name] / 5, rtol=1e-6)
-    np.testing.assert_allclose(kept[name], -LR * small[name], rtol=1e-6)
-
-
-def test_weight_decay_skips_biases():
-  config = Config(optimizer='sgd', weight_decay=0.1, momentum=0.0)
-  tx = train.make_optimizer(config, 10)
-  params = {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2)}
-  zero = jax.tree_util.tree_map(jnp.zeros_like, params)
-  updates, _ = tx.update(zero, tx.init(params), params)
-  assert float(jnp.abs(updates['kernel']).sum()) > 0
-  assert float(jnp.abs(updates['bias']).sum()) == 0
-
-
 def test_run_writes_results_metrics_and_checkpoints(mock_tfds, tmp_path):
   config = tiny_config(tmp_path / 'tfds', epochs=2)
   workdir = str(tmp_path / 'run')
   results = train.train_and_evaluate(config, workdir)
-  for key in ('test_accuracy', 'test_loss', 'best_val_accuracy', 'epochs',
-              'num_params', 'train_seconds'):
-    assert key in results
   with open(os.path.join(workdir, 'results.json')) as f:
     assert json.load(f) == results
   with open(os.path.join(workdir, 'config.json')) as f:
     assert Config.from_dict(json.load(f)) == config
+  member, = results['members']
+  assert results['layout'] == 2 and 'ensemble' not in results
+  assert (member['name'], member['seed'], member['model']) == (
+      'seed0', 0, 'simple_cnn')
+  assert 0 <= member['test_accuracy'] <= 1 and member['test_loss'] > 0
+  assert results['training']['epochs'] == 2
+  assert results['training']['train_seconds'] > 0
   history = workdir_lib.read_history(workdir)
   assert [r['epoch'] for r in history] == [1, 2]
-  assert results['best_val_accuracy'] == max(r['val_accuracy']
-                                             for r in history)
-  assert results['num_params'] == 93_322
+  assert member['best_val_accuracy'] == max(r['val_accuracy']
+                                            for r in history)
+  assert member['num_params'] == 93_322
+  assert workdir_lib.read_results(workdir).accuracy == member['test_accuracy']
   assert os.listdir(os.path.join(workdir, 'tb'))
 
 
@@ -230,21 +81,11 @@ def test_best_metric_val_loss_keeps_the_lowest_val_loss_epoch(mock_tfds,
   results = train.train_and_evaluate(config, workdir)
   history = workdir_lib.read_history(workdir)
   best = min(history, key=lambda r: r['val_loss'])
-  assert results['best_epoch'] == best['epoch']
-  assert results['best_val_loss'] == best['val_loss']
-  assert results['best_val_accuracy'] == best['val_accuracy']
-  assert results['best_metric'] == 'val_loss'
-
-
-def test_is_better_follows_the_chosen_metric():
-  meta = {'best_epoch': 3, 'best_val_accuracy': 0.99, 'best_val_loss': 0.05}
-  lower_loss_lower_acc = {'accuracy': 0.98, 'loss': 0.04}
-  assert train.is_better(Config(best_metric='val_loss'), lower_loss_lower_acc,
-                         meta)
-  assert not train.is_better(Config(), lower_loss_lower_acc, meta)
-  assert train.is_better(Config(), {'accuracy': 0.995, 'loss': 0.09}, meta)
-  assert train.is_better(Config(), {'accuracy': 0.0, 'loss': 9.0},
-                         {'best_epoch': -1, 'best_val_accuracy': -1.0})
+  member, = results['members']
+  assert member['best_epoch'] == best['epoch']
+  assert member['best_val_loss'] == best['val_loss']
+  assert member['best_val_accuracy'] == best['val_accuracy']
+  assert results['training']['best_metric'] == 'val_loss'
 
 
 def test_same_seed_gives_identical_runs_and_other_seed_differs(mock_tfds,
@@ -257,12 +98,13 @@ def test_same_seed_gives_identical_runs_and_other_seed_differs(mock_tfds,
   c = train.train_and_evaluate(config.replace(seed=1), str(tmp_path / 'c'))
   assert workdir_lib.read_history(str(tmp_path / 'a'))[0]['train_loss'] == \
       workdir_lib.read_history(str(tmp_path / 'b'))[0]['train_loss']
-  assert a['test_loss'] == b['test_loss']
-  assert a['test_loss'] != c['test_loss']
+  loss = lambda r: r['members'][0]['test_loss']
+  assert loss(a) == loss(b)
+  assert loss(a) != loss(c)
 
 
 def test_interrupted_run_resumes_from_its_checkpoint_to_the_same_state(
-    interrupted_simple, mock_tfds, tmp_path, monkeypatch):
+    interrupted_simple, mock_tfds, tmp_path):
   """A crash in epoch 2; the rerun trains only the steps after step 10.
 
   DeepCNN (batch norm, dropout, augmentation) on 2 devices resumes in
@@ -276,50 +118,48 @@ def test_interrupted_run_resumes_from_its_checkpoint_to_the_same_state(
   assert int(state.step) == 10 and meta['sums'] is not None  # Mid-epoch.
   assert not os.path.exists(os.path.join(resumed, 'results.json'))
 
-  chunks = record_chunks(monkeypatch)
-  train.train_and_evaluate(config, resumed)
-  assert steps_run(chunks) == [11, 12]
+  chunks = ChunkRecorder()
+  train.train_and_evaluate(config, resumed, hooks=[chunks])
+  assert chunks.steps == [11, 12]
   assert_same_run(full, resumed)
 
 
 def test_stop_signal_in_an_epochs_last_chunk_still_ends_that_epoch(
-    interrupted_simple, mock_tfds, tmp_path, monkeypatch):
+    interrupted_simple, mock_tfds, tmp_path):
   """SIGTERM during steps 5-6, the end of epoch 1: the epoch is validated
   and its best params saved before stopping, so the rerun matches too."""
   config, full, _, _ = interrupted_simple
   workdir = str(tmp_path / 'run')
-  record_chunks(monkeypatch, sigterm_at=4)
-  with pytest.raises(train.Stop, match=r'signal 15 at step 6;'):
-    train.train_and_evaluate(config, workdir)
-  monkeypatch.undo()
+  with pytest.raises(stopping.Stop, match=r'signal 15 at step 6;'):
+    train.train_and_evaluate(config, workdir,
+                             hooks=[ChunkRecorder(sigterm_at=4)])
   assert [r['epoch'] for r in workdir_lib.read_history(workdir)] == [1]
   assert Checkpointer(workdir).latest_steps() == [4, 6]
-  chunks = record_chunks(monkeypatch)
-  train.train_and_evaluate(config, workdir)
-  assert steps_run(chunks) == list(range(7, 13))
+  chunks = ChunkRecorder()
+  train.train_and_evaluate(config, workdir, hooks=[chunks])
+  assert chunks.steps == list(range(7, 13))
   assert_same_run(full, workdir)
 
 
 def test_nan_loss_stops_and_keeps_the_best_checkpoint(mock_tfds, tmp_path):
+  """Epoch 1 trains and is saved; its saved params then hold a NaN, so the
+  resumed epoch 2 computes a NaN loss: training stops with one line, saves
+  nothing more and keeps the best checkpoint."""
   config = tiny_config(tmp_path / 'tfds', epochs=2)
   workdir = str(tmp_path / 'run')
-
-  class PoisonAfterEpochOne(train.Trainer):
-    def __init__(self, *a, **kw):
-      super().__init__(*a, **kw)
-      chunk = self.train_chunk
-
-      def poisoned(state, *args):
-        state, m = chunk(state, *args)
-        if int(state.step) > 6:  # Epoch 2 (6 steps per epoch).
-          m = dict(m, loss_sum=jnp.asarray(jnp.nan))
-        return state, m
-      self.train_chunk = poisoned
-
-  import unittest.mock as mock
-  with mock.patch.object(train, 'Trainer', PoisonAfterEpochOne):
-    with pytest.raises(CnnJaxError, match='loss became nan'):
-      train.train_and_evaluate(config, workdir)
+  with pytest.raises(SimulatedCrash):  # Before epoch 2's first chunk.
+    train.train_and_evaluate(config, workdir,
+                             hooks=[ChunkRecorder(crash_after=3)])
+  state, meta = final_state(workdir)
+  assert int(state.step) == 6
+  poisoned = state.replace(params=jax.tree_util.tree_map(
+      lambda p: p.at[(0,) * p.ndim].set(jnp.nan), state.params))
+  ckpt = Checkpointer(workdir)
+  ckpt.save_latest(6, poisoned, meta)
+  ckpt.close()
+  with pytest.raises(CnnJaxError,
+                     match=r'loss became nan at step 9 \(epoch 2\)'):
+    train.train_and_evaluate(config, workdir)
   ckpt = Checkpointer(workdir)
   assert ckpt.has_best()
   assert max(ckpt.latest_steps()) == 6  # Nothing after the NaN was saved.
@@ -390,10 +230,10 @@ def test_real_full_disk_errors_clearly_and_keeps_saved_work(mock_tfds,
   monkeypatch.undo()
   assert Checkpointer(workdir).latest_steps() == [2]
   ballast.unlink()
-  chunks = record_chunks(monkeypatch)
-  results = train.train_and_evaluate(config, workdir)
-  assert steps_run(chunks) == list(range(3, 13))  # Resumed from step 2.
-  assert results['steps'] == 12
+  chunks = ChunkRecorder()
+  results = train.train_and_evaluate(config, workdir, hooks=[chunks])
+  assert chunks.steps == list(range(3, 13))  # Resumed from step 2.
+  assert results['training']['steps'] == 12
   assert [r['epoch'] for r in workdir_lib.read_history(workdir)] == [1, 2]
 
 
@@ -414,27 +254,6 @@ def test_label_smoothing_is_cross_entropy_against_smoothed_targets():
     assert float(loss) == pytest.approx(want.mean(), rel=1e-6)
     assert float(m['loss_sum']) == pytest.approx(want.sum(), rel=1e-6)
     assert int(m['correct']) == 1 and int(m['count']) == 2
-
-
-def test_adam_betas_reach_the_optimizer_and_are_validated():
-  from cnn_jax.config import validate
-  params = {'w': jnp.ones(3)}
-  grads = [{'w': jnp.array([1.0, -2.0, 0.5])}, {'w': jnp.array([0.1, 3.0, -1.0])}]
-
-  def second_update(**kw):
-    tx = train.make_optimizer(Config(learning_rate=1e-2, **kw), 10)
-    state = tx.init(params)
-    for g in grads:
-      updates, state = tx.update(g, state, params)
-    return np.asarray(updates['w'])
-
-  default = second_update()
-  np.testing.assert_array_equal(default, second_update(adam_b1=0.9,
-                                                       adam_b2=0.999))
-  assert not np.allclose(default, second_update(adam_b2=0.99))
-  assert not np.allclose(default, second_update(adam_b1=0.8))
-  with pytest.raises(CnnJaxError, match='adam_b2'):
-    validate(Config(adam_b2=1.0))
 
 
 @pytest.mark.parametrize('model_name', ['simple_cnn', 'deep_cnn'])

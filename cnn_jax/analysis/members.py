@@ -94,7 +94,7 @@ def disagreements_figure(images: np.ndarray, labels: np.ndarray,
 
 
 def write(files: ReportFiles, images: np.ndarray, labels: np.ndarray,
-          member_probs: np.ndarray, networks: Sequence[inference.Member],
+          member_probs: np.ndarray, networks: Sequence[inference.Network],
           names: Sequence[str]) -> dict[str, Any]:
   """The section's figure, captions and member table."""
   s = summarize(member_probs, labels)

@@ -23,11 +23,10 @@ import pathlib
 from typing import Any, Sequence
 
 from absl import logging
-import jax
 import numpy as np
 
 from cnn_jax import evaluate as evaluate_lib
-from cnn_jax import inference, input_pipeline, models, registry
+from cnn_jax import inference, input_pipeline, registry
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.analysis import (captions, compare as compare_lib, evaluation,
                               internals, members, metrics, page, plots)
@@ -55,17 +54,19 @@ def _check_examples(examples: Sequence[int], n: int) -> list[int]:
   return list(dict.fromkeys(int(i) for i in examples))
 
 
-def _first_network(ens: inference.Ensemble
-                   ) -> tuple[inference.Restored, str]:
-  """The first network of a workdir (one of a many-member run's, or an
-  ensemble's first member) and the workdir holding its history."""
+@dataclasses.dataclass(frozen=True)
+class _First:
+  """The first network of a workdir (of a many-member run, or an
+  ensemble's first member), whose insides the report draws."""
+
+  run: inference.Restored
+  network: inference.Network
+  variables: Any
+
+
+def _first_network(ens: inference.Ensemble) -> _First:
   run = ens.runs[0]
-  if run.num_members > 1:
-    run = dataclasses.replace(
-        run, config=run.config.replace(num_models=1),
-        variables=jax.tree_util.tree_map(lambda a: a[0], run.variables),
-        meta=run.member_meta()[0])
-  return run, run.workdir
+  return _First(run, run.networks[0], run.network_variables(0))
 
 
 def _other_run(other: str, info: input_pipeline.DatasetInfo
@@ -90,14 +91,12 @@ def _other_run(other: str, info: input_pipeline.DatasetInfo
 
 def _run(label: str, workdir: str, ens: inference.Ensemble,
          ev: evaluation.Evaluation) -> compare_lib.Run:
-  first, history_dir = _first_network(ens)
-  history = workdir_lib.read_history(history_dir)
+  first = _first_network(ens)
+  history = workdir_lib.read_history(first.run.workdir)
   return compare_lib.Run(
-      label=label, workdir=workdir,
-      num_params=sum(models.count_params(run.variables['params'])
-                     for run in ens.runs),
-      best_epoch=int(first.meta.get('epoch') or -1),
-      epochs=len(history) or first.config.epochs, ev=ev)
+      label=label, workdir=workdir, num_params=ens.num_params(),
+      best_epoch=int(first.network.best_epoch or -1),
+      epochs=len(history) or first.run.config.epochs, ev=ev)
 
 
 def _headline_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -132,8 +131,8 @@ def analyze(config: Config, workdir: str,
   """
   ens = inference.load(workdir, config)
   other = _other_run(compare, ens.info) if compare else None
-  first, history_dir = _first_network(ens)
-  model, variables, meta = first.model, first.variables, first.meta
+  first = _first_network(ens)
+  model, variables = first.run.model, first.variables
   data = input_pipeline.load(config, splits=('test',))
   info, test = ens.info, data.test
   evaluate_lib.check_compatible(info, data.info)
@@ -163,11 +162,11 @@ def analyze(config: Config, workdir: str,
       (chosen, ev.predictions[chosen], ev.confidences[chosen]),
       min(config.eval_batch_size, 500))
   arch = inside['architecture']
-  networks = ens.members
+  networks = ens.networks
   ensemble = (members.write(files, test.images, test.labels, member_probs,
                             networks, names) if len(networks) > 1 else None)
-  history = workdir_lib.read_history(history_dir)
-  best_epoch = int(meta.get('epoch') or -1)
+  history = workdir_lib.read_history(first.run.workdir)
+  best_epoch = int(first.network.best_epoch or -1)
   files.add('training', plots.history(history, files.path('history.png'),
                                       best_epoch))
   compared = None
@@ -186,10 +185,11 @@ def analyze(config: Config, workdir: str,
       'model': config.model, 'dataset': info.name, 'workdir': workdir,
       'test_accuracy': ev.accuracy, 'test_loss': ev.loss,
       'test_examples': int(len(test)), 'mistakes': ev.mistakes,
-      'num_params': sum(models.count_params(run.variables['params'])
-                        for run in ens.runs),
+      'num_params': ens.num_params(),
       'num_networks': len(networks), 'best_epoch': best_epoch,
-      'val_accuracy': float(meta.get('accuracy', float('nan'))),
+      'val_accuracy': float(first.network.best_val_accuracy
+                            if first.network.best_val_accuracy is not None
+                            else float('nan')),
       'ece': ev.calibration.ece, 'epochs_trained': len(history),
       'feature_map_layers': inside['feature_map_layers'],
       'examples': examples,
@@ -209,7 +209,8 @@ def analyze(config: Config, workdir: str,
                'figures': files.figures('data')},
       'arch': {'stages': _stage_rows(arch), 'lessons': inside['lessons'],
                'total': arch.num_params,
-               'tabulate': registry.summary(first.config, info.num_classes,
+               'tabulate': registry.summary(first.run.config,
+                                            info.num_classes,
                                             info.image_shape),
                'note': (f'This workdir holds {len(networks)} networks. The '
                         'architecture, feature maps, filters and training '
