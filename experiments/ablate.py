@@ -293,10 +293,10 @@ class Sweep:
       seconds = time.monotonic() - t0
     finally:
       self.slots.put(slot)
-    results = ablation_report.read_results(run.workdir)
+    results = ablation_report.read_results(run.workdir, run.seeds)
     if code == 0 and results is not None:
-      self.say(f'done  {run.name}: test accuracy '
-               f'{100 * results["test_accuracy"]:.2f}% ({seconds:.0f}s)')
+      accs = ', '.join(f'{100 * a:.2f}%' for a in results.member_accuracies)
+      self.say(f'done  {run.name}: test accuracy {accs} ({seconds:.0f}s)')
       return Outcome(run, None)
     error = log_error(log_path, code)
     self.say(f'{"STOPPED" if self.stopping else "FAILED"} {run.name}: '

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ablation_studies import Study, Variant
+from cnn_jax import results as results_lib  # Plain data: imports no JAX.
 
 METRICS = ('test_accuracy', 'test_loss', 'best_val_accuracy', 'num_params',
            'train_seconds', 'train_img_per_s', 'epochs')
@@ -40,28 +41,30 @@ class Summary:
   ensemble_acc: float  # Of the seeds' averaged probabilities (NaN if n/a).
 
 
-def read_results(workdir: str) -> dict[str, Any] | None:
-  """A run's `results.json`, or None when it has not finished."""
-  path = os.path.join(workdir, 'results.json')
+def read_results(workdir: str, seeds: Sequence[int] = ()
+                 ) -> results_lib.Results | None:
+  """A run's `results.json` (any layout), or None when it has not
+  finished; ``seeds`` name the members of an older single run."""
+  path = os.path.join(workdir, results_lib.FILE)
   try:
     with open(path) as f:
-      return json.load(f)
+      return results_lib.from_json(json.load(f), seeds)
   except FileNotFoundError:
     return None
 
 
 def run_rows(variant: Variant, seeds: Sequence[int], workdir: str,
              error: str | None = None) -> list[dict[str, Any]]:
-  """The CSV rows of one run, one per seed: its results (each member's, for
-  a many-member run) or its error, plus the variant's overrides.
+  """The CSV rows of one run, one per seed: each member's results or the
+  run's error, plus the variant's overrides.
 
   A member's ``train_seconds`` is its share of the run's (the run's time
   over its members); ``ensemble_accuracy`` is the test accuracy of all the
   run's members' averaged probabilities.
   """
-  results = read_results(workdir)
+  results = read_results(workdir, seeds)
   rows = []
-  members = (results or {}).get('members') or [None] * len(seeds)
+  members = results.members if results else [None] * len(seeds)
   for seed, member in zip(seeds, members):
     row: dict[str, Any] = {'variant': variant.name, 'group': variant.group,
                            'knob': variant.knob, 'seed': seed,
@@ -71,12 +74,15 @@ def run_rows(variant: Variant, seeds: Sequence[int], workdir: str,
     elif results is None:
       row.update(status='missing')
     else:
-      row.update(status='ok', **{k: results.get(k) for k in METRICS})
-      if member is not None:
-        row.update({k: member[k] for k in (
-            'test_accuracy', 'test_loss', 'best_val_accuracy')})
-        row['train_seconds'] = results['train_seconds'] / len(members)
-        row['ensemble_accuracy'] = results['test_accuracy']
+      training = results.training
+      row.update(status='ok', test_accuracy=member.test_accuracy,
+                 test_loss=member.test_loss,
+                 best_val_accuracy=member.best_val_accuracy,
+                 num_params=member.num_params, epochs=training.epochs,
+                 train_seconds=training.train_seconds / len(members),
+                 train_img_per_s=training.train_img_per_s,
+                 ensemble_accuracy=(results.ensemble.test_accuracy
+                                    if results.ensemble else None))
     row.update(variant.overrides)
     rows.append(row)
   return rows

@@ -20,9 +20,10 @@ import re
 import shlex
 import subprocess
 import sys
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from ablation_studies import QUICK_RECIPE
+from cnn_jax import results  # Plain data: imports no JAX.
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parent
 REPO = EXPERIMENTS.parent
@@ -128,14 +129,14 @@ def _data_flags(data_dir: str) -> list[str]:
 
 
 def train(model: str, workdir: str, quick: bool, data_dir: str = '',
-          extra: Sequence[str] = ()) -> dict[str, Any]:
+          extra: Sequence[str] = ()) -> results.Results:
   """Trains (or resumes) `model` in `workdir`; returns its results.json."""
   cmd = [sys.executable, '-m', 'cnn_jax.main', *recipe(model),
          f'--workdir={os.path.abspath(workdir)}',
          *(quick_flags() if quick else []), *_data_flags(data_dir), *extra]
   run_logged(cmd, os.path.join(workdir, 'log.txt'), progress_filter())
   with open(os.path.join(workdir, 'results.json')) as f:
-    return json.load(f)
+    return results.from_json(json.load(f))  # No JAX in this process.
 
 
 def ablate(study: str, out: str, quick: bool, seeds: int, jobs: int,

@@ -58,28 +58,19 @@ def validate_run(config: Config, data: Any) -> dict[str, float]:
   """Trains ``config`` like `train.train_and_evaluate`; validation metrics."""
   import jax
   from cnn_jax import train
-  trainer = train.Trainer(config, data.info.num_classes)
-  n = len(data.train)
-  steps = n // config.batch_size
-  chunk = train._chunk_size(steps, config.log_every_steps)  # pylint: disable=protected-access
-  state = train.create_train_state(config, trainer.model, data.info.image_shape,
-                                   steps)
-  state = jax.device_put(state, trainer.replicated)
-  images, labels = trainer.put(data.train.images), trainer.put(data.train.labels)
-  trainer.compile(state, images, labels, chunk)
-  key = train.data_key(config)
+  run = train.setup(config, data.info.num_classes, data.info.image_shape,
+                    data.train.images, data.train.labels)
+  run.trainer.compile(run.state, run.images, run.labels, run.chunk)
+  state = run.state
   t0 = time.perf_counter()
   for epoch in range(config.epochs):
-    idx = trainer.epoch_indices(key, epoch, n)
-    for start in range(0, steps, chunk):
-      state, m = trainer.train_chunk(state, images, labels,
-                                     trainer.rows(idx, start, chunk))
+    for state, metrics, _ in run.chunks(state, epoch):
       # One sync per chunk, as in training: hundreds of chunks queued at once
       # can deadlock XLA:CPU's all-reduce between host devices.
-      jax.block_until_ready(m)
+      jax.block_until_ready(metrics)
   seconds = time.perf_counter() - t0
-  val, = trainer.evaluate(train.variables_of(state), data.val.images,
-                          data.val.labels)
+  val, = run.trainer.evaluate(train.variables_of(state), data.val.images,
+                              data.val.labels)
   return {'val_accuracy': val['accuracy'], 'val_loss': val['loss'],
           'train_seconds': seconds}
 

@@ -7,7 +7,6 @@ import dataclasses
 import html.parser
 import json
 import os
-import pathlib
 import shutil
 
 import jax
@@ -18,6 +17,7 @@ from PIL import Image
 import pytest
 
 from cnn_jax import inference, input_pipeline
+from cnn_jax import workdir as workdir_lib
 from cnn_jax.analysis import captions, intermediates, metrics, page, report
 from cnn_jax.config import CnnJaxError
 
@@ -27,14 +27,14 @@ from conftest import MOCK_EXAMPLES, REPO
 def simple_model(trained_simple):
   """(model, best variables) of the trained SimpleCNN."""
   restored = inference.restore(trained_simple[1])
-  return restored.model, restored.variables
+  return restored.model, restored.network_variables(0)
 
 
 @pytest.fixture(scope='module')
 def deep_model(trained_deep):
   """(model, best variables) of the trained DeepCNN."""
   restored = inference.restore(trained_deep[1])
-  return restored.model, restored.variables
+  return restored.model, restored.network_variables(0)
 
 
 def _images(n: int, seed: int = 0) -> jax.Array:
@@ -186,7 +186,6 @@ EXPECTED = ['index.html', 'summary.json', 'per_class.csv', 'per_class.json',
             'filters_deeper_norms.png', 'top_activations.png',
             'receptive_fields.png', 'compare.json', 'compare_per_class.png',
             'compare_disagreements.png']
-REPO = pathlib.Path(__file__).resolve().parents[1]
 VOID = {'img', 'meta', 'br', 'link', 'input', 'hr'}
 
 
@@ -255,7 +254,7 @@ def _check_links(out: str, doc: _Page) -> None:
 def _predictions(workdir: str, images: np.ndarray) -> np.ndarray:
   restored = inference.restore(workdir)
   return np.asarray(restored.predictor().logits(restored.variables,
-                                                images)).argmax(-1)
+                                                images))[0].argmax(-1)
 
 
 def _indices(text: str) -> list[int]:
@@ -305,15 +304,14 @@ def test_analyze_simple_compared_with_deep(trained_simple, trained_deep,
   assert 'conv1' in doc.text['model-summary']
 
   # Headline numbers: the run's own final evaluation of the same params.
-  with open(os.path.join(workdir, 'results.json')) as f:
-    results = json.load(f)
+  results, = workdir_lib.read_results(workdir).members
   labels = input_pipeline.load(config, splits=('test',)).test.labels
   images = input_pipeline.load(config, splits=('test',)).test.images
   assert summary['test_examples'] == MOCK_EXAMPLES
-  assert summary['test_accuracy'] == pytest.approx(results['test_accuracy'])
-  assert summary['test_loss'] == pytest.approx(results['test_loss'], rel=1e-4)
-  assert summary['num_params'] == results['num_params']
-  assert summary['best_epoch'] == results['best_epoch']
+  assert summary['test_accuracy'] == pytest.approx(results.test_accuracy)
+  assert summary['test_loss'] == pytest.approx(results.test_loss, rel=1e-4)
+  assert summary['num_params'] == results.num_params
+  assert summary['best_epoch'] == results.best_epoch
   assert 0 <= summary['ece'] <= 1
   right = round(summary['test_accuracy'] * MOCK_EXAMPLES)
   assert summary['mistakes'] == MOCK_EXAMPLES - right
@@ -328,7 +326,7 @@ def test_analyze_simple_compared_with_deep(trained_simple, trained_deep,
   assert f'Training ran {len(history)} epochs' in training
   assert (f'from {captions.pct(history[0]["val_accuracy"])} after epoch 1 to '
           f'{captions.pct(history[-1]["val_accuracy"])}') in training
-  assert f'epoch {results["best_epoch"]} of {len(history)}' in training
+  assert f'epoch {results.best_epoch} of {len(history)}' in training
 
   # The layer table adds up, with SimpleCNN's receptive fields.
   params = [int(r['data-params']) for r in doc.stages]
@@ -481,7 +479,7 @@ def test_analyze_an_ensemble_workdir(trained_simple, trained_deep, mock_tfds,
                                      tmp_path):
   """The results are those of the averaged members; the new section shows
   each member and where they disagree; internals are the first member's."""
-  from cnn_jax import ensemble, workdir as workdir_lib
+  from cnn_jax import ensemble
   config = trained_simple[0]
   out = str(tmp_path / 'ensemble')
   results = ensemble.build(config, [trained_simple[1], trained_deep[1]], out)
@@ -492,10 +490,12 @@ def test_analyze_an_ensemble_workdir(trained_simple, trained_deep, mock_tfds,
   assert summary['sections'] == list(page.section_ids(False, True))
   assert [s for s in doc.ids if s in summary['sections']] == summary['sections']
   _check_links(os.path.join(out, 'analysis'), doc)
-  assert summary['test_accuracy'] == pytest.approx(results['test_accuracy'])
+  assert summary['test_accuracy'] == pytest.approx(results.accuracy)
   assert summary['num_networks'] == 2
-  assert captions.pct(results['test_accuracy']) in doc.text['ensemble-captions']
-  assert captions.pct(results['vote_accuracy']) in doc.text['ensemble-captions']
+  assert captions.pct(results.ensemble.test_accuracy) in doc.text[
+      'ensemble-captions']
+  assert captions.pct(results.ensemble.vote_accuracy) in doc.text[
+      'ensemble-captions']
   test = input_pipeline.load(config, splits=('test',)).test
   preds = [_predictions(w, test.images) for w in (trained_simple[1],
                                                   trained_deep[1])]

@@ -153,9 +153,11 @@ def test_two_process_train_and_evaluate_on_mnist(tmp_path):
   printed = [decoder.raw_decode(out, out.index('{\n'))[0]
              for _, out in results]
   for r in printed:  # Timings differ; everything else must not.
-    del r['train_seconds'], r['train_img_per_s'], r['timings']
+    del r['training']['train_seconds'], r['training']['train_img_per_s']
+    del r['timings']
   assert printed[0] == printed[1]
-  assert printed[0]['num_devices'] == 2 and printed[0]['steps'] == 8
+  assert printed[0]['training']['num_devices'] == 2
+  assert printed[0]['training']['steps'] == 8
   # Progress is logged by process 0 only.
   assert 'epoch 1/1 step 8/8' in results[0][1]
   assert 'epoch 1/1 step' not in results[1][1]
@@ -164,7 +166,7 @@ def test_two_process_train_and_evaluate_on_mnist(tmp_path):
           (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [r['epoch'] for r in rows] == [1]
   saved = json.loads((workdir / 'results.json').read_text())
-  assert saved['test_accuracy'] == printed[0]['test_accuracy']
+  assert saved['members'] == printed[0]['members']
   assert json.loads((workdir / 'config.json').read_text())['batch_size'] == 64
   assert not list(workdir.glob('.write_test*'))
   for name in ('latest', 'best'):
@@ -175,6 +177,6 @@ def test_two_process_train_and_evaluate_on_mnist(tmp_path):
   from cnn_jax import evaluate
   config = Config.from_dict(json.loads((workdir / 'config.json').read_text()))
   evaluated = evaluate.evaluate_workdir(str(workdir), config)
-  assert evaluated['test_examples'] == 256
-  assert evaluated['test_accuracy'] == pytest.approx(
-      printed[0]['test_accuracy'], abs=1e-6)
+  assert evaluated.test_examples == 256
+  assert evaluated.accuracy == pytest.approx(
+      printed[0]['members'][0]['test_accuracy'], abs=1e-6)

@@ -38,24 +38,31 @@ def test_results_average_the_members_probabilities(built, trained_simple):
   probs = np.stack([inference.load(m).probabilities(test.images)
                     for m in members])
   mean = probs.mean(0)
-  assert results['test_accuracy'] == pytest.approx(
+  ens = results.ensemble
+  assert ens.test_accuracy == pytest.approx(
       float((mean.argmax(-1) == test.labels).mean()))
   picked = mean[np.arange(len(test.labels)), test.labels]
-  assert results['test_loss'] == pytest.approx(float(-np.log(picked).mean()),
-                                               rel=1e-5)
+  assert ens.test_loss == pytest.approx(float(-np.log(picked).mean()),
+                                        rel=1e-5)
   votes = np.zeros_like(mean)
   for p in probs:
     votes[np.arange(len(test.labels)), p.argmax(-1)] += 1
-  assert results['vote_accuracy'] == pytest.approx(
+  assert ens.vote_accuracy == pytest.approx(
       float((votes.argmax(-1) == test.labels).mean()))
-  assert [m['model'] for m in results['members']] == ['simple_cnn', 'deep_cnn']
-  assert [m['workdir'] for m in results['members']] == members
-  for m, member_dir in zip(results['members'], members):
-    own = json.load(open(os.path.join(member_dir, 'results.json')))
-    assert m['test_accuracy'] == pytest.approx(own['test_accuracy'])
-  assert results['num_members'] == 2 and results['test_examples'] == len(test)
+  # One member a network, the same fields as a run's members.
+  assert [m.model for m in results.members] == ['simple_cnn', 'deep_cnn']
+  assert [m.name for m in results.members] == ['members/0', 'members/1']
+  assert [s['workdir'] for s in results.sources] == members
+  for m, member_dir in zip(results.members, members):
+    own, = workdir_lib.read_results(member_dir).members
+    for key in ('test_accuracy', 'best_epoch', 'best_val_accuracy', 'seed',
+                'num_params'):
+      assert getattr(m, key) == pytest.approx(getattr(own, key)), key
+  assert results.training is None and results.test_examples == len(test)
   # Validation split too: every member held out the same one.
-  assert 0 <= results['val_accuracy'] <= 1 and 'val_loss' in results
+  assert 0 <= ens.val_accuracy <= 1 and ens.val_loss > 0
+  saved = json.load(open(os.path.join(out, 'results.json')))
+  assert saved == results.to_json() and saved['layout'] == 2
 
 
 def test_the_workdir_is_self_contained_and_every_mode_reads_it(
@@ -80,8 +87,10 @@ def test_the_workdir_is_self_contained_and_every_mode_reads_it(
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
     evaluated = evaluate.evaluate_workdir(
         str(moved), config.replace(tfds_data_dir=str(tmp_path / 'tfds')))
-  assert evaluated['test_accuracy'] == pytest.approx(results['test_accuracy'])
-  assert evaluated['vote_accuracy'] == pytest.approx(results['vote_accuracy'])
+  assert evaluated.ensemble.test_accuracy == pytest.approx(
+      results.ensemble.test_accuracy)
+  assert evaluated.ensemble.vote_accuracy == pytest.approx(
+      results.ensemble.vote_accuracy)
 
 
 def test_tta_is_reported_beside_the_plain_figures(built, trained_simple,
@@ -91,12 +100,15 @@ def test_tta_is_reported_beside_the_plain_figures(built, trained_simple,
       tta=2, tfds_data_dir=str(tmp_path))
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
     evaluated = evaluate.evaluate_workdir(out, config)
-  assert evaluated['test_accuracy'] == pytest.approx(results['test_accuracy'])
+  assert evaluated.accuracy == pytest.approx(results.accuracy)
   test = _test_split(trained_simple[0])
   probs = inference.load(out, config).member_probabilities(test.images)
-  assert evaluated['tta'] == 2
-  assert evaluated['tta_test_accuracy'] == pytest.approx(
+  assert evaluated.tta == 2
+  assert evaluated.ensemble.tta_test_accuracy == pytest.approx(
       float((probs.mean(0).argmax(-1) == test.labels).mean()))
+  for k, member in enumerate(evaluated.members):
+    assert member.tta_test_accuracy == pytest.approx(
+        float((probs[k].argmax(-1) == test.labels).mean()))
 
 
 def test_bad_members_are_one_clear_error(built, trained_simple, tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cnn_jax import export, inference
+from cnn_jax import workdir as workdir_lib
 from cnn_jax.config import CnnJaxError
 from conftest import tiny_config
 
@@ -42,7 +43,8 @@ def exported(trained_simple):
 
 
 def in_process(predictor, variables, images: np.ndarray) -> np.ndarray:
-  return predictor.probabilities(variables, images)
+  """The restored run's probabilities (of its one network)."""
+  return predictor.probabilities(variables, images)[0]
 
 
 def sample_images(n: int, seed: int = 0) -> np.ndarray:
@@ -76,8 +78,7 @@ def test_signature(exported, trained_simple):
   _, workdir = trained_simple
   with open(os.path.join(out, 'signature.json')) as f:
     sig = json.load(f)
-  with open(os.path.join(workdir, 'results.json')) as f:
-    results = json.load(f)
+  results = workdir_lib.read_results(workdir)
   assert sig['input'] == {'name': 'images', 'shape': ['b', 28, 28, 1],
                           'dtype': 'uint8', 'layout': 'NHWC',
                           'value_range': [0, 255],
@@ -85,8 +86,8 @@ def test_signature(exported, trained_simple):
   assert sig['output']['shape'] == ['b', info.num_classes]
   assert sig['class_names'] == list(info.class_names)
   assert sig['model'] == 'simple_cnn' and sig['dataset'] == 'mnist'
-  assert sig['test_accuracy'] == results['test_accuracy']
-  assert sig['num_params'] == results['num_params']
+  assert sig['test_accuracy'] == results.accuracy
+  assert sig['num_params'] == results.members[0].num_params
   assert {'cpu', 'cuda', 'tpu'} <= set(sig['platforms'])
   assert 'centre of mass' in sig['preprocessing']
 

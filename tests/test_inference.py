@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cnn_jax import inference, input_pipeline, models, registry
+from cnn_jax import workdir as workdir_lib
 from cnn_jax.config import Config, CnnJaxError
 
 
@@ -78,7 +79,12 @@ def test_restore_needs_only_the_workdir(trained_simple, tmp_path,
   jax.tree_util.tree_map(np.testing.assert_array_equal, restored.variables,
                          original.variables)
   ensemble = inference.load(str(moved))
-  assert ensemble.num_members == 1 and ensemble.members[0].model == 'simple_cnn'
+  network, = ensemble.networks
+  assert (network.model, network.seed) == ('simple_cnn', 0)
+  assert network.best_epoch == workdir_lib.read_results(workdir).members[
+      0].best_epoch
+  # Every run restores as stacked networks: one here.
+  assert jax.tree_util.tree_leaves(restored.variables)[0].shape[0] == 1
 
 
 def test_a_checkpoint_serves_either_kernel_setting(trained_simple):
@@ -86,12 +92,13 @@ def test_a_checkpoint_serves_either_kernel_setting(trained_simple):
   the same function."""
   config, workdir = trained_simple
   restored = inference.restore(workdir)
+  variables = restored.network_variables(0)
   images = input_pipeline.normalize(_images(16, seed=3))
-  stock = restored.model.apply(restored.variables, images)
+  stock = restored.model.apply(variables, images)
   for kernels in ('cpu', 'flax'):
     trained = registry.create_model(config.replace(kernels=kernels), 10,
                                     backend='cpu')
-    np.testing.assert_allclose(trained.apply(restored.variables, images),
+    np.testing.assert_allclose(trained.apply(variables, images),
                                stock, rtol=1e-5, atol=1e-5)
 
 

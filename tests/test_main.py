@@ -99,7 +99,8 @@ def test_end_to_end_train_then_eval_on_mock_data(mock_tfds, tmp_path,
   with flagsaver.flagsaver(mode='eval', workdir=workdir):
     assert cli.run(['prog']) == 0
   evaluated = json.loads(capsys.readouterr().out)
-  assert evaluated['test_accuracy'] == results['test_accuracy']
+  assert evaluated['members'][0]['test_accuracy'] == results['members'][0][
+      'test_accuracy']
 
 
 def test_analyze_compare_without_a_run_is_one_line(trained_simple, tmp_path):
@@ -131,12 +132,15 @@ def test_trains_on_real_mnist_above_its_measured_floor(tmp_path,
                 '--learning_rate=3e-3', '--log_every_steps=8', timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   results = json.loads((workdir / 'results.json').read_text())
-  assert results['test_examples'] == 2000 and results['steps'] == 32
-  assert results['test_accuracy'] > REAL_MNIST_FLOOR, results
+  member, = results['members']
+  assert results['test_examples'] == 2000
+  assert results['training']['steps'] == 32
+  assert member['test_accuracy'] > REAL_MNIST_FLOOR, results
   # Eval mode restores the best params and reproduces the test accuracy.
   again = _cli('--mode=eval', f'--workdir={workdir}')
   assert again.returncode == 0, again.stderr[-2000:]
-  assert json.loads(again.stdout)['test_accuracy'] == results['test_accuracy']
+  assert json.loads(again.stdout)['members'][0]['test_accuracy'] == (
+      member['test_accuracy'])
 
 
 # The other modes as users run them. predict and export need only the

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from cnn_jax import evaluate, export, inference, registry, train
+from cnn_jax import evaluate, export, inference, registry, results, train
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.checkpointing import Checkpointer
 from cnn_jax.config import Config
@@ -44,28 +44,31 @@ def runs(tmp_path_factory):
 
 def test_two_members_equal_two_single_runs(runs):
   _, k2_dir, k2 = runs['k2']
-  assert k2['num_models'] == 2
   assert [m['seed'] for m in k2['members']] == [3, 4]
+  assert [m['name'] for m in k2['members']] == ['seed3', 'seed4']
   history = workdir_lib.read_history(k2_dir)
   for k in (0, 1):
     _, single_dir, single = runs[k]
-    member = k2['members'][k]
-    assert member['best_epoch'] == single['best_epoch']
-    assert member['test_accuracy'] == pytest.approx(single['test_accuracy'],
+    member, (one,) = k2['members'][k], single['members']
+    # The same fields for a member of a K-run as for a single run.
+    assert set(member) == set(one)
+    assert member['best_epoch'] == one['best_epoch']
+    assert member['test_accuracy'] == pytest.approx(one['test_accuracy'],
                                                     abs=1 / 256 + 1e-9)
-    assert member['test_loss'] == pytest.approx(single['test_loss'],
-                                                rel=1e-4)
-    assert member['best_val_loss'] == pytest.approx(single['best_val_loss'],
+    assert member['test_loss'] == pytest.approx(one['test_loss'], rel=1e-4)
+    assert member['best_val_loss'] == pytest.approx(one['best_val_loss'],
                                                     rel=1e-4)
     for row, single_row in zip(history, workdir_lib.read_history(single_dir)):
       for key in ('train_loss', 'val_loss', 'val_accuracy'):
         assert row['members'][key][k] == pytest.approx(single_row[key],
                                                        rel=1e-4), key
-  # One params count per member; the ensemble's test metrics are those of
-  # the members' averaged probabilities.
-  assert k2['num_params'] == runs[0][2]['num_params']
-  assert k2['member_test_accuracy_mean'] == pytest.approx(
-      np.mean([m['test_accuracy'] for m in k2['members']]))
+  # One params count per member; the ensemble's figures are those of the
+  # members' averaged probabilities, under their own names.
+  assert k2['members'][0]['num_params'] == runs[0][2]['members'][0][
+      'num_params']
+  assert set(k2['ensemble']) == {'test_accuracy', 'test_loss',
+                                 'vote_accuracy'}
+  assert 'ensemble' not in runs[0][2]
   assert 'val_ensemble_accuracy' in history[-1]
 
 
@@ -73,15 +76,22 @@ def test_every_mode_reads_a_many_member_workdir(runs, tmp_path):
   config, k2_dir, k2 = runs['k2']
   loaded = inference.load(k2_dir)
   assert loaded.num_members == 2
-  assert [m.seed for m in loaded.members] == [3, 4]
+  assert [n.seed for n in loaded.networks] == [3, 4]
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
     evaluated = evaluate.evaluate_workdir(k2_dir, config)
     test = __import__('cnn_jax.input_pipeline').input_pipeline.load(
         config, splits=('test',)).test
-  assert evaluated['test_accuracy'] == pytest.approx(k2['test_accuracy'])
-  assert evaluated['vote_accuracy'] == pytest.approx(k2['vote_accuracy'])
-  assert evaluated['member_test_accuracy'] == pytest.approx(
-      [m['test_accuracy'] for m in k2['members']], abs=1e-9)
+  # Eval gives what training reported, in the same layout.
+  trained = results.from_json(k2)
+  for got, want in zip(evaluated.members, trained.members, strict=True):
+    assert (got.name, got.seed, got.best_epoch) == (want.name, want.seed,
+                                                    want.best_epoch)
+    assert got.test_accuracy == pytest.approx(want.test_accuracy, abs=1e-9)
+    assert got.test_loss == pytest.approx(want.test_loss, rel=1e-5)
+  assert evaluated.ensemble.test_accuracy == pytest.approx(
+      trained.ensemble.test_accuracy)
+  assert evaluated.ensemble.vote_accuracy == pytest.approx(
+      trained.ensemble.vote_accuracy)
   # The members restored alone are the two single runs' networks.
   probs = loaded.member_probabilities(test.images[:8])
   for k in (0, 1):
@@ -147,7 +157,7 @@ def test_sigkill_then_rerun_resumes_bit_identically(tmp_path):
   assert resumed and 0 < int(resumed.group(1)) <= saved, rerun.stderr[-2000:]
   ra = json.loads((reference / 'results.json').read_text())
   rb = json.loads((workdir / 'results.json').read_text())
-  for key in ('test_accuracy', 'test_loss', 'vote_accuracy', 'members'):
+  for key in ('ensemble', 'members'):
     assert ra[key] == rb[key], key
   sa, sb = _final_state(reference), _final_state(workdir)
   for x, y in zip(jax.tree_util.tree_leaves((sa.params, sa.opt_state,

@@ -137,10 +137,10 @@ def test_notebook_runs_on_cpu_in_quick_mode(tmp_path, monkeypatch, capsys,
   out = capsys.readouterr().out
   assert 'backend: ' in out
   assert '--flagfile=experiments/configs/simple_cnn.flags' in out
-  assert ns['simple']['num_params'] == 93_322
-  assert ns['deep']['model'] == 'deep_cnn'
+  assert ns['simple'].members[0].num_params == 93_322
+  assert ns['deep'].model == 'deep_cnn'
   for results in (ns['simple'], ns['deep']):
-    assert results['test_examples'] == 200 and results['steps'] == 4
+    assert results.test_examples == 200 and results.training.steps == 4
   with open(os.path.join(ns['study_dir'], 'results.csv')) as f:
     rows = list(csv.DictReader(f))
   assert [(r['variant'], r['status']) for r in rows] == [('width1', 'ok')]

@@ -169,7 +169,8 @@ def test_predict_json(trained_simple, classifier, tmp_path, capsys):
   assert set(bad) == {'garbage.png', 'empty.png', 'nothere.gif'}
   good = [r for r in records if 'error' not in r]
   # The same numbers as the model applied directly to the preprocessed input.
-  info, variables = classifier.info, classifier.ensemble.runs[0].variables
+  info = classifier.info
+  variables = classifier.ensemble.runs[0].network_variables(0)
   model = registry.create_model(config, info.num_classes)
   items = predict.load_inputs(paths, (28, 28))
   images = np.stack([it.image for it in items if it.error is None])

@@ -180,5 +180,6 @@ def test_deep_cnn_with_bn_dropout_augment_on_two_devices_resumes_exactly(
   _signal_then_resume(workdir, data_dir, signal.SIGINT, tmp_path / 'run.log',
                       total=12, **DEEP_2DEV)
   results = json.loads((workdir / 'results.json').read_text())
-  assert results['num_devices'] == 2 and results['model'] == 'deep_cnn'
+  assert results['training']['num_devices'] == 2
+  assert results['model'] == 'deep_cnn'
   assert_same_run(reference, workdir)

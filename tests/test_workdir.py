@@ -76,12 +76,12 @@ def test_a_run_trained_on_two_devices_is_used_on_one(tmp_path):
           '--eval_batch_size=64', '--host_devices=2']
   done = procs.run_python(args, procs.jax_env(2))
   assert done.returncode == 0, done.stderr[-3000:]
-  results = json.load(open(workdir / 'results.json'))
-  assert results['num_devices'] == 2
+  results = workdir_lib.read_results(str(workdir))
+  assert results.training.num_devices == 2
   config = workdir_lib.load_config(str(workdir))
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
     evaluated = evaluate.evaluate_workdir(str(workdir), config)
-  assert evaluated['test_accuracy'] == pytest.approx(results['test_accuracy'])
+  assert evaluated.accuracy == pytest.approx(results.accuracy)
   classifier = predict.Classifier.restore(config, str(workdir))
   probs = classifier.probabilities(np.zeros((2, 28, 28, 1), np.uint8))
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
