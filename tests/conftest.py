@@ -3,6 +3,7 @@ MNIST) and the rule that a test may skip for missing MNIST only outside CI."""
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import pathlib
 import tempfile
@@ -60,6 +61,17 @@ def pytest_runtest_makereport(item, call):
     report.outcome = 'failed'
     report.longrepr = (f'{reason}: CI=true, where prepared MNIST must be '
                        'present, so this test fails instead of skipping')
+
+
+@pytest.fixture(autouse=True)
+def _same_absl_log_level():
+  """Every test starts with absl's logger at the level the session began
+  with: parsing or restoring absl flags (its --verbosity) changes it for the
+  whole process, which made log assertions depend on the tests run before."""
+  logger = std_logging.getLogger('absl')
+  level = logger.level
+  yield
+  logger.setLevel(level)
 
 
 @pytest.fixture(scope='session')

@@ -133,7 +133,7 @@ def test_a_new_dataset_version_rebuilds(setup, caplog):
   # Another version prepared beside the cached one, which TFDS now picks.
   prepare(tfds.root, '3.0.2')
   tfds.version, tfds.seed = '3.0.2', 1
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):
     data = input_pipeline.load(config)
   assert tfds.reads == ['train', 'test'] * 2
   assert 'stale' in caplog.text and 'rebuilding' in caplog.text
@@ -186,7 +186,7 @@ def test_a_damaged_entry_is_rebuilt_with_a_log_line(setup, caplog, damage):
     images.write_bytes(bytes(raw))
   else:
     (folder / 'train.json').write_text('{"key": ')
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):
     again = input_pipeline.load(config)
   assert tfds.reads == ['train', 'test', 'train']
   assert 'mnist/train' in caplog.text and 'rebuilding' in caplog.text
@@ -209,7 +209,7 @@ def test_the_data_dir_is_never_written(setup, tmp_path, caplog):
     input_pipeline.load(config)
     # Even a --cache_dir inside the data dir is refused, not written.
     inside = config.replace(cache_dir=str(tfds.root / 'cache'))
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger='absl'):
       input_pipeline.load(inside)
   finally:
     os.chmod(tfds.data_dir, 0o755)
@@ -224,7 +224,7 @@ def test_an_unusable_cache_dir_warns_once_and_the_run_goes_on(setup, tmp_path,
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a folder')
   config = config.replace(cache_dir=str(blocker / 'cache'))
-  with caplog.at_level(logging.WARNING):
+  with caplog.at_level(logging.WARNING, logger='absl'):
     first = input_pipeline.load(config)
     input_pipeline.load(config)
   assert caplog.text.count('is off') == 1

@@ -101,7 +101,9 @@ def test_an_older_workdir_reads_tfds_once_and_saves_the_info(
                tfds_data_dir=str(tmp_path / 'tfds'))
   (old / 'config.json').write_text(json.dumps(saved))
   config = workdir_lib.load_config(str(old))
-  caplog.set_level(logging.INFO)
+  # On absl's own logger: once any test parses absl flags, absl's default
+  # verbosity leaves that logger at WARNING.
+  caplog.set_level(logging.INFO, logger='absl')
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
     classifier = predict.Classifier.restore(config, str(old))
   assert classifier.info.class_names == tuple(str(i) for i in range(10))
