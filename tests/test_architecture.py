@@ -51,7 +51,8 @@ def test_simple_cnn_table_adds_up_with_its_arithmetic(simple):
       ('input', 'input'), ('conv1', 'convolution'), ('conv1_relu', 'ReLU'),
       ('pool1', 'max-pool'), ('conv2', 'convolution'), ('conv2_relu', 'ReLU'),
       ('pool2', 'max-pool'), ('conv3', 'convolution'), ('conv3_relu', 'ReLU'),
-      ('flatten', 'flatten'), ('dense1', 'dense'), ('logits', 'dense')]
+      ('flatten', 'flatten'), ('dense1', 'dense'), ('dense1_relu', 'ReLU'),
+      ('logits', 'dense')]
   assert arch.num_params == 93_322
   assert sum(s.params for s in arch.stages) == 93_322
   conv1 = arch.stage('conv1')
@@ -145,3 +146,31 @@ def test_shape_text_and_field_clipping():
   field = architecture.Field((7, 7), (2, 2), (-3, -3))
   assert field.patch(0, 0, (12, 12)) == (slice(0, 4), slice(0, 4))
   assert field.patch(5, 5, (12, 12)) == (slice(7, 12), slice(7, 12))
+
+
+class _Odd(nn.Module):
+  """A conv, an unsown tanh and reshape, a dense layer, a sown square."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    x = jax.numpy.tanh(nn.Conv(4, (3, 3), padding='SAME', name='conv')(x))
+    x = nn.Dense(5, name='hidden')(x.reshape((x.shape[0], -1)))
+    x = x * x
+    self.sow('intermediates', 'squared', x)
+    return nn.Dense(3, name='out')(x)
+
+
+def test_steps_it_cannot_name_are_listed_plainly_not_guessed():
+  _, arch = _describe(_Odd(), shape=(6, 6, 1))
+  assert [(s.name, s.kind) for s in arch.stages] == [
+      ('input', 'input'), ('conv', 'convolution'),
+      ('after conv', 'unrecognised'), ('hidden', 'dense'),
+      ('squared', 'unrecognised'), ('out', 'dense')]
+  for name, shapes in (('after conv', ((6, 6, 4), (144,))),
+                       ('squared', ((5,), (5,)))):
+    odd = arch.stage(name)
+    assert odd.field is None and 'not a layer it can name' in odd.note
+    assert (odd.in_shape, odd.out_shape) == shapes
+  assert sum(s.params for s in arch.stages) == arch.num_params == (
+      4 * 9 + 4 + 144 * 5 + 5 + 5 * 3 + 3)

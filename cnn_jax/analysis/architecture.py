@@ -1,17 +1,21 @@
 """The model's architecture as numbers a learner can check.
 
-`describe` runs the real model once in eval mode, with Flax's
-`intercept_methods` recording each layer's type, settings and input/output
-shapes, and `capture_intermediates` giving every stage in call order
-(including what the models `sow`: activations, pooling). It returns one row
-per stage: shapes, parameters with their arithmetic (``32 filters × (3×3×1
-weights + 1 bias) = 320``) and the receptive field on the input image.
+`describe` runs the real model once in eval mode on one image, with Flax's
+`intercept_methods` recording each layer's type, settings and the values
+going in and out, and `capture_intermediates` giving every stage in call
+order (including what the models `sow`: activations, pooling). It returns
+one row per stage: shapes, parameters with their arithmetic (``32 filters ×
+(3×3×1 weights + 1 bias) = 320``) and the receptive field on the input
+image.
 
-Stages without a module (activations, pooling written as functions) are
-recognised from their values, not their names: a ReLU is a stage equal to
-``max(previous, 0)``, a max-pool one equal to the previous stage's maxima
-over non-overlapping ``s×s`` blocks. A stage that is neither gets no
-receptive field rather than a guessed one.
+The structure is read from what the model computes, never from names:
+stages without a module (activations, pooling, reshapes written as
+functions, sown or not) are recognised from their values: a ReLU is a step
+equal to ``max(previous, 0)``, a max-pool one equal to the previous stage's
+maxima over non-overlapping ``s×s`` blocks, a flatten the same numbers laid
+out as a vector. A step between two recorded stages that is none of these
+(or a layer type the table does not know) is listed as ``unrecognised``,
+with its shapes and no receptive field, rather than guessed.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 from cnn_jax.analysis import intermediates
 
 POINTWISE = ('batch norm', 'ReLU', 'dropout')
+UNRECOGNISED = 'unrecognised'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +74,11 @@ class Stage:
   window: int | None = None  # Pooling window (= its stride).
   rate: float | None = None  # Dropout rate.
   statistics: int = 0  # Variables that are not trained (running stats).
+  bias: bool = False  # Convolution or dense layer with a bias.
+  padding: str = ''  # Convolution: VALID, SAME or explicit pads.
+  strides: tuple[int, int] = (1, 1)  # Convolution.
+  epsilon: float | None = None  # Batch norm.
+  momentum: float | None = None  # Batch norm: of its running statistics.
 
   @property
   def note(self) -> str:
@@ -83,6 +93,9 @@ class Stage:
       return f'+ {self.statistics:,} running statistics (not trained)'
     if self.kind == 'flatten':
       return 'the maps laid out as one vector'
+    if self.kind == UNRECOGNISED:
+      return ('a step the table does not know: not a layer it can name, a '
+              'ReLU, pooling or flatten; its shapes only')
     return ''
 
   @property
@@ -147,7 +160,7 @@ def _settings(module: nn.Module) -> dict[str, Any]:
               type(module).__name__)
   out = {'kind': kind}
   for attr in ('kernel_size', 'strides', 'padding', 'kernel_dilation',
-               'input_dilation', 'rate'):
+               'input_dilation', 'rate', 'epsilon', 'momentum', 'use_bias'):
     if hasattr(module, attr):
       out[attr] = getattr(module, attr)
   return out
@@ -256,48 +269,91 @@ def _count(tree: Any) -> int:
   return sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(tree))
 
 
+def _step(name: str, before: np.ndarray, after: np.ndarray,
+          in_shape: tuple[int, ...], field: Field | None, hidden: bool
+          ) -> tuple[Stage | None, Field | None]:
+  """The stage that turns ``before`` into ``after`` (batch of one),
+  recognised from the values; None if they are the same. A ``hidden`` step
+  (no module, not sown) is named after the stage ``name`` it follows."""
+  out_shape = tuple(after.shape[1:])
+  names = {'ReLU': f'{name}_relu', 'pool': f'{name}_pool',
+           UNRECOGNISED: f'after {name}'} if hidden else {}
+  if before.shape == after.shape and np.array_equal(before, after):
+    return None, field
+  if (before.shape == after.shape and before.min() < 0
+      and np.array_equal(after, np.maximum(before, 0))):
+    return Stage(names.get('ReLU', name), 'ReLU', in_shape, out_shape,
+                 field=field), field
+  if (after.ndim == 2 and before.ndim > 2 and before.size == after.size
+      and np.array_equal(before.reshape(after.shape), after)):
+    return Stage('flatten', 'flatten', in_shape, out_shape), None
+  pooled = _pooling(before, after)
+  if pooled:
+    kind, s = pooled
+    if field is not None:
+      field = Field(tuple(r + (s - 1) * j for r, j in zip(field.size,
+                                                          field.jump)),
+                    tuple(j * s for j in field.jump), field.start)
+    return Stage(names.get('pool', name), kind, in_shape, out_shape,
+                 field=field, window=s), field
+  return Stage(names.get(UNRECOGNISED, name), UNRECOGNISED, in_shape,
+               out_shape), None
+
+
 def describe(model: nn.Module, variables: Any, x: jax.Array) -> Architecture:
   """The layer table of ``model`` on images like ``x`` (``[1, H, W, C]``,
-  normalized). Use a real image: activations are recognised by value."""
-  calls: list[tuple[str, dict[str, Any], tuple[int, ...]]] = []
+  normalized). Use a real image: steps are recognised by their values."""
+  calls: list[tuple[str, dict[str, Any], np.ndarray]] = []
 
   def record(next_fun, args, kwargs, context):
     path = context.module.scope.path if context.module.scope else ()
     if context.method_name == '__call__' and len(path) == 1 and args:
       calls.append((path[0], _settings(context.module),
-                    tuple(np.shape(args[0])[1:])))
+                    np.asarray(args[0], np.float32)))
     return next_fun(*args, **kwargs)
 
+  # Eagerly, on one image: the interceptor sees every layer's input values.
   with nn.intercept_methods(record):
-    captured = intermediates.capture_all(model, variables, x)
+    logits, state = model.apply(variables, x, train=False,
+                                capture_intermediates=True,
+                                mutable=['intermediates'])
+  captured = [(n, np.asarray(v, np.float32))
+              for n, v in intermediates.named(state['intermediates'])]
   params = variables.get('params', {})
   stats = variables.get('batch_stats', {})
-  by_module: dict[str, list[tuple[dict[str, Any], tuple[int, ...]]]] = {}
-  for name, settings, in_shape in calls:
-    by_module.setdefault(name, []).append((settings, in_shape))
+  by_module: dict[str, list[tuple[dict[str, Any], np.ndarray]]] = {}
+  for name, settings, value in calls:
+    by_module.setdefault(name, []).append((settings, value))
 
   image_shape = tuple(int(d) for d in x.shape[1:])
   field = Field((1, 1), (1, 1), (0, 0))
   stages = [Stage('input', 'input', (), image_shape, field=field)]
-  prev = np.asarray(x, np.float32)
+  prev, prev_name = np.asarray(x, np.float32), 'input'
   seen_params: set[str] = set()
+
+  def bridge(target: np.ndarray) -> None:
+    """Whatever the model computed between the last stage and ``target``."""
+    nonlocal field
+    stage, field = _step(prev_name, prev, target, stages[-1].out_shape, field,
+                         hidden=True)
+    if stage is not None:
+      stages.append(stage)
+
   for full_name, value in captured:
     name = full_name.split('#')[0]
     if '/' in name or name == 'output':
       continue  # Nested modules are counted in their parent's row.
     out_shape = tuple(value.shape[1:])
-    in_shape = stages[-1].out_shape
-    if name in by_module and by_module[name]:
-      settings, in_shape = by_module[name].pop(0)
+    if by_module.get(name):
+      settings, given = by_module[name].pop(0)
+      bridge(given)
+      in_shape = tuple(given.shape[1:])
       kind = settings['kind']
-      if len(in_shape) == 1 and len(stages[-1].out_shape) > 1:
-        stages.append(Stage('flatten', 'flatten', stages[-1].out_shape,
-                            (math.prod(stages[-1].out_shape),)))
-        field = None
       n, arithmetic = (0, '') if name in seen_params else _arithmetic(
           kind, params.get(name), len(out_shape) == 3)
       seen_params.add(name)
-      kernel = params.get(name, {}).get('kernel')
+      own = params.get(name, {})
+      kernel = own.get('kernel')
       kernel_shape = tuple(np.shape(kernel)) if kernel is not None else None
       if kind != 'convolution' and kernel_shape and len(kernel_shape) == 4:
         kind = 'convolution'
@@ -306,27 +362,25 @@ def describe(model: nn.Module, variables: Any, x: jax.Array) -> Architecture:
         field = _conv_field(field, settings, in_shape, out_shape)
       elif kind not in POINTWISE:
         field = None
+      known = kind in ('convolution', 'dense') + POINTWISE
+      padding = settings.get('padding', '')
       stages.append(Stage(
-          name, kind, in_shape, out_shape, n, arithmetic,
-          field if len(out_shape) == 3 else None, kernel_shape,
-          rate=settings.get('rate'), statistics=_count(stats.get(name))))
+          name, kind if known else UNRECOGNISED, in_shape, out_shape, n,
+          arithmetic, field if len(out_shape) == 3 else None, kernel_shape,
+          rate=settings.get('rate'), statistics=_count(stats.get(name)),
+          bias='bias' in own and kind in ('convolution', 'dense'),
+          padding=padding if isinstance(padding, str) else str(padding),
+          strides=_pair(settings.get('strides')) or (1, 1),
+          epsilon=settings.get('epsilon') if kind == 'batch norm' else None,
+          momentum=settings.get('momentum') if kind == 'batch norm'
+          else None))
     else:
-      pooled = _pooling(prev, value)
-      if (prev.shape == value.shape and prev.min() < 0
-          and np.array_equal(value, np.maximum(prev, 0))):
-        stages.append(Stage(name, 'ReLU', in_shape, out_shape, field=field))
-      elif pooled:
-        kind, s = pooled
-        if field is not None:
-          field = Field(tuple(r + (s - 1) * j for r, j in zip(field.size,
-                                                              field.jump)),
-                        tuple(j * s for j in field.jump), field.start)
-        stages.append(Stage(name, kind, in_shape, out_shape, field=field,
-                            window=s))
-      else:
-        field = None
-        stages.append(Stage(name, 'stage', in_shape, out_shape))
-    prev = value
+      stage, field = _step(name, prev, value, stages[-1].out_shape, field,
+                           hidden=False)
+      if stage is not None:  # None: the same values as the last stage.
+        stages.append(stage)
+    prev, prev_name = value, stages[-1].name
+  bridge(np.asarray(logits, np.float32))
   total = _count(params)
   listed = sum(s.params for s in stages)
   if total != listed:

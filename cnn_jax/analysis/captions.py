@@ -129,19 +129,28 @@ def architecture(arch: Architecture) -> list[str]:
       out.append(_pool_lesson(s))
       said_pool = True
     elif s.kind == 'flatten':
-      nxt = arch.stages[arch.stages.index(s) + 1]
-      out.append(f'flatten lays the last {shape_text(s.in_shape)} maps out '
-                 f'as {num(s.out_shape[0])} numbers, the input of '
-                 f'{nxt.name}: from here on, dense layers see the whole '
-                 'image at once.')
+      i = arch.stages.index(s)
+      nxt = arch.stages[i + 1]
+      if arch.stages[i - 1].kind == 'input':
+        out.append(f'flatten lays the {shape_text(s.in_shape)} image out as '
+                   f'{num(s.out_shape[0])} numbers, the input of '
+                   f'{nxt.name}: each of its units weighs every pixel on '
+                   'its own, with nothing that says which pixels are '
+                   'neighbours.')
+      else:
+        out.append(f'flatten lays the last {shape_text(s.in_shape)} maps '
+                   f'out as {num(s.out_shape[0])} numbers, the input of '
+                   f'{nxt.name}: from here on, dense layers see the whole '
+                   'image at once.')
   layers = [s for s in arch.stages if s.params]
   if layers:
     big = max(layers, key=lambda s: s.params)
     conv_params = sum(s.params for s in convs)
-    out.append(f'{num(arch.num_params)} parameters in all: the convolutions '
-               f'hold {num(conv_params)} '
-               f'({pct(conv_params / arch.num_params, 0)}), and the largest '
-               f'layer, {big.name}, holds {num(big.params)} '
+    held = (f'the convolutions hold {num(conv_params)} '
+            f'({pct(conv_params / arch.num_params, 0)}), and ' if convs
+            else 'there is no convolution; ')
+    out.append(f'{num(arch.num_params)} parameters in all: {held}the '
+               f'largest layer, {big.name}, holds {num(big.params)} '
                f'({pct(big.params / arch.num_params, 0)}).')
   with_field = [s for s in convs if s.field]
   if len(with_field) > 1:
@@ -255,6 +264,16 @@ def filter_to_decision(arch: Architecture, strip: Sequence[Stage],
                f'flattened into {num(flat[0].out_shape[0])} numbers for '
                f'{nxt.name}.')
   return out + _decision(probs, label, class_names)
+
+
+def no_feature_maps(arch: Architecture) -> str:
+  """What the early-vs-deep section says of a model without spatial
+  stages (a dense network)."""
+  first = next((st for st in arch.stages if st.params), None)
+  where = f' ({first.name} is the first layer)' if first else ''
+  return ('This model has no convolution and keeps no spatial map: it '
+          f'flattens the image first{where}, so there are no feature maps, '
+          'filters or receptive fields to draw.')
 
 
 def receptive_fields(first: Stage, last: Stage, image_shape: Sequence[int],

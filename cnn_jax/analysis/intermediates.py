@@ -28,7 +28,7 @@ class FeatureMap:
   value: np.ndarray  # float32 [N, H, W, C]
 
 
-def _named(tree: Any) -> list[tuple[str, Any]]:
+def named(tree: Any) -> list[tuple[str, Any]]:
   """Flattens an ``intermediates`` collection to (name, value), in order."""
   out = []
   for path, values in traverse_util.flatten_dict(tree).items():
@@ -44,7 +44,7 @@ def _capture_raw(model: nn.Module, variables: Any, x: jax.Array
   _, state = model.apply(variables, x, train=False,
                          capture_intermediates=True,
                          mutable=['intermediates'])
-  return _named(state['intermediates'])
+  return named(state['intermediates'])
 
 
 def capture(model: nn.Module, variables: Any, x: jax.Array
@@ -73,26 +73,6 @@ def capture(model: nn.Module, variables: Any, x: jax.Array
       continue
     maps.append(FeatureMap(name, v))
   return maps
-
-
-def capture_all(model: nn.Module, variables: Any, x: jax.Array
-                ) -> list[tuple[str, np.ndarray]]:
-  """Every intermediate of one eval-mode call, any rank, in call order.
-
-  Unlike `capture` nothing is dropped (identity stages such as eval-mode
-  dropout stay), so the list shows every step the model takes. A Flax
-  method interceptor active around this call sees every module call, as
-  the call is traced here.
-  """
-  names: list[str] = []
-
-  def run(variables: Any, x: jax.Array) -> list[jax.Array]:
-    named = _capture_raw(model, variables, x)
-    names[:] = [n for n, _ in named]
-    return [v.astype(jnp.float32) for _, v in named]
-
-  values = jax.jit(run)(variables, x)
-  return [(n, np.asarray(v)) for n, v in zip(names, values)]
 
 
 def channel_peaks(model: nn.Module, variables: Any, images: np.ndarray,

@@ -224,8 +224,9 @@ def write(files: ReportFiles, model: Any, variables: Any, images: np.ndarray,
              for row, idx in enumerate(examples)]
   _stage_maps(files, fmaps, images[chosen], labels[chosen], class_names,
               examples)
-  early_deep = _early_vs_deep(files, model, variables, arch, images,
-                              fmaps[-1].name, batch_size)
+  early_deep = (_early_vs_deep(files, model, variables, arch, images,
+                               fmaps[-1].name, batch_size) if fmaps else
+                [captions.no_feature_maps(arch)])
   idx, classes, confidences = saliency_of
   if len(idx):
     sal = intermediates.saliency(
