@@ -75,7 +75,7 @@ class Config:
 
   # Model.
   model: str = _f('simple_cnn', 'Model from the registry '
-                  '(cnn_jax/registry.py): simple_cnn, deep_cnn.')
+                  '(cnn_jax/registry.py).')
   model_options: dict[str, Any] = dataclasses.field(
       default_factory=dict, metadata={'help': (
           'Settings of the --model: fields of its Flax module as key=value '

@@ -32,13 +32,15 @@ def define_config_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   definers = {'bool': flags.DEFINE_bool, 'int': flags.DEFINE_integer,
               'float': flags.DEFINE_float, 'str': flags.DEFINE_string}
   for f in dataclasses.fields(Config):
+    help_text = f.metadata['help']
     if f.name == 'model_options':
       flags.DEFINE_multi_string(
-          f.name, [], f'{f.metadata["help"]} Options (defaults): '
+          f.name, [], f'{help_text} Options (defaults): '
           f'{registry.options_help()}.', flag_values=flag_values)
       continue
-    definers[f.type](f.name, f.default, f.metadata['help'],
-                     flag_values=flag_values)
+    if f.name == 'model':
+      help_text = f'{help_text[:-1]}: {", ".join(registry.MODELS)}.'
+    definers[f.type](f.name, f.default, help_text, flag_values=flag_values)
   for name, replacement in REPLACED_FLAGS.items():
     define = flags.DEFINE_bool if name == 'batch_norm' else flags.DEFINE_string
     define(name, None, f'Replaced by {replacement}.', flag_values=flag_values)
