@@ -40,6 +40,7 @@ class Entry:
 MODELS: dict[str, Entry] = {
     'simple_cnn': Entry(models.SimpleCNN, widths='features'),
     'deep_cnn': Entry(models.DeepCNN, widths='stage_features'),
+    'mlp': Entry(models.MLP, widths='hidden'),
 }
 
 # Fields a user never sets: the dataset gives the classes, --dtype the dtype.

@@ -174,3 +174,12 @@ def test_steps_it_cannot_name_are_listed_plainly_not_guessed():
     assert (odd.in_shape, odd.out_shape) == shapes
   assert sum(s.params for s in arch.stages) == arch.num_params == (
       4 * 9 + 4 + 144 * 5 + 5 + 5 * 3 + 3)
+
+
+def test_a_dense_network_reads_as_flatten_then_dense_layers():
+  _, arch = _describe(models.MLP())
+  assert [(s.name, s.kind, s.out_shape) for s in arch.stages] == [
+      ('input', 'input', (28, 28, 1)), ('flatten', 'flatten', (784,)),
+      ('dense1', 'dense', (117,)), ('dense1_relu', 'ReLU', (117,)),
+      ('logits', 'dense', (10,))]
+  assert arch.num_params == 93_025 and not arch.convs()

@@ -140,7 +140,8 @@ def test_forward_mode_autodiff_through_train_mode_deep_cnn():
 
 
 @pytest.mark.parametrize('model,shape,classes', [
-    (models.SimpleCNN, (32, 32, 3), 47), (models.DeepCNN, (32, 32, 3), 5)])
+    (models.SimpleCNN, (32, 32, 3), 47), (models.DeepCNN, (32, 32, 3), 5),
+    (models.MLP, (32, 32, 3), 7)])
 def test_models_follow_image_shape_and_classes(model, shape, classes):
   m = model(num_classes=classes)
   variables = _init(m, shape)
@@ -154,6 +155,31 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     assert all(p.dtype == jnp.float32
                for p in jax.tree_util.tree_leaves(variables))
     assert model.apply(variables, jnp.ones((2, 28, 28, 1))).dtype == jnp.float32
+
+
+def test_mlp_is_a_dense_baseline_the_size_of_simple_cnn():
+  model = models.MLP()
+  variables = _init(model)
+  shapes = jax.tree_util.tree_map(lambda a: a.shape, variables['params'])
+  assert shapes == {'dense1': {'kernel': (784, 117), 'bias': (117,)},
+                    'logits': {'kernel': (117, 10), 'bias': (10,)}}
+  assert models.count_params(variables['params']) == 93_025  # SimpleCNN: 93,322.
+  two = _init(models.MLP(hidden=(64, 32)))
+  assert models.count_params(two['params']) == 784 * 64 + 64 + 64 * 32 + 32 + 330
+
+
+def test_mlp_computes_the_same_on_permuted_pixels_with_permuted_weights():
+  """Why a dense net does not care where pixels are: permuting the input
+  and the first layer's rows alike gives the same function."""
+  model = models.MLP()
+  variables = _init(model)
+  x = jax.random.uniform(jax.random.PRNGKey(3), (4, 28, 28, 1))
+  perm = np.random.default_rng(0).permutation(784)
+  permuted_x = x.reshape(4, -1)[:, perm].reshape(x.shape)
+  params = jax.tree_util.tree_map(lambda a: a, variables['params'])
+  params['dense1']['kernel'] = params['dense1']['kernel'][perm]
+  np.testing.assert_allclose(model.apply({'params': params}, permuted_x),
+                             model.apply(variables, x), rtol=1e-5, atol=1e-5)
 
 
 def test_count_params():

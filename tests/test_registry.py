@@ -55,7 +55,7 @@ def test_unknown_model_is_a_clear_error():
     registry.create_model(Config(model='resnet9000'), 10)
 
 
-@pytest.mark.parametrize('name', ['simple_cnn', 'deep_cnn'])
+@pytest.mark.parametrize('name', sorted(registry.MODELS))
 def test_cpu_kernels_compute_the_stock_model(name):
   """Same params, logits, gradients and batch statistics with either set.
 
@@ -63,7 +63,8 @@ def test_cpu_kernels_compute_the_stock_model(name):
   checks its semantics).
   """
   config = Config(model=name, model_options=(
-      {'dropout_rate': 0.0} if name == 'deep_cnn' else {}))
+      {'dropout_rate': 0.0} if 'dropout_rate' in registry.options(name)
+      else {}))
   fast = registry.create_model(config.replace(kernels='cpu'), 10)
   stock = registry.create_model(config.replace(kernels='flax'), 10)
   variables = models.init_variables(stock, jax.random.PRNGKey(0), (28, 28, 1))
@@ -111,6 +112,8 @@ def test_options_are_the_modules_plain_fields():
       'stage_features': 'ints', 'convs_per_stage': 'int',
       'dense_features': 'int', 'dropout_rate': 'float', 'batch_norm': 'bool'}
   assert registry.options('simple_cnn')['features'].default == [32, 64, 64]
+  assert {n: o.default for n, o in registry.options('mlp').items()} == {
+      'hidden': [117]}
   for name in registry.MODELS:
     assert not {'num_classes', 'dtype', 'conv', 'pool', 'norm',
                 'dropout'} & set(registry.options(name))
@@ -171,3 +174,14 @@ def test_summary_tabulates_layers_shapes_and_params():
   assert '\x1b[' not in text  # Plain text for logs and reports.
   deep = registry.summary(Config(model='deep_cnn'), 10, (28, 28, 1))
   assert 'batch_stats' in deep and 'bn1_1' in deep and '197,802' in deep
+
+
+def test_the_dense_baseline_is_registered_with_its_width_option():
+  mlp = registry.create_model(Config(model='mlp', width_multiplier=2.0), 10)
+  assert tuple(mlp.hidden) == (234,)
+  deeper = registry.create_model(
+      Config(model='mlp', model_options={'hidden': '256,128'}), 10)
+  assert tuple(deeper.hidden) == (256, 128)
+  assert models.count_params(models.init_variables(
+      registry.create_model(Config(model='mlp'), 10), jax.random.PRNGKey(0),
+      (28, 28, 1))['params']) == 93_025
