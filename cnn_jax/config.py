@@ -64,6 +64,11 @@ class Config:
                            '(0 = all); for quick runs and tests.')
   test_examples: int = _f(0, 'Evaluate on only the first N test examples '
                           '(0 = all 10,000).')
+  permute_pixels: bool = _f(False, 'Shuffle the pixel positions of every '
+                            'image (train, validation and test) by one fixed '
+                            'random permutation: the same task without the '
+                            'neighbourhoods convolutions rely on (the "why '
+                            'convolutions" study).')
   best_metric: str = _f('val_accuracy', 'Validation metric that picks the '
                         'best checkpoint: val_accuracy (highest) or val_loss '
                         '(lowest; smoother on a small validation split).')
@@ -199,6 +204,9 @@ def validate(config: Config) -> Config:
       'cosine', 'onecycle'):
     bad(f'--warmup_epochs ({config.warmup_epochs}) must be less than --epochs '
         f'({config.epochs})')
+  if config.permute_pixels and config.augment:
+    bad('--augment shifts and rotates images, which means nothing once '
+        '--permute_pixels has scattered the pixels; use --noaugment')
   if not 0 <= config.tta <= 8:
     bad(f'--tta must be between 0 and 8 (shifted copies), got {config.tta}')
   if not config.dataset.strip():

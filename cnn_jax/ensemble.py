@@ -93,8 +93,12 @@ def build(config: Config, members: Sequence[str], out: str
     raise CnnJaxError(f'cannot write the ensemble to {out}: '
                       f'{e.strerror or e}') from e
   first = configs[0]
+  if len({c.permute_pixels for c in configs}) > 1:
+    raise CnnJaxError('--members mix runs trained on permuted and on plain '
+                      'pixels (--permute_pixels); an ensemble needs one')
   ensemble_config = validate(config.replace(
-      model=ENSEMBLE, dataset=first.dataset,
+      model=ENSEMBLE, dataset=first.dataset, augment=False,
+      permute_pixels=first.permute_pixels,
       val_examples=first.val_examples, num_models=1,
       members=','.join(f'{MEMBERS_DIR}/{i}' for i in range(len(members)))))
   workdir_lib.write_json(os.path.join(out, workdir_lib.CONFIG),

@@ -219,6 +219,7 @@ def export(config: Config, workdir: str, saved_model: bool = True) -> str:
   Needs only the workdir: the dataset info is the one saved with the run.
   Any workdir: a run, a many-member run or an ensemble (averaged).
   """
+  inference.check_plain_pixels(config, workdir, 'export')
   ensemble = inference.load(workdir, config)
   info = ensemble.info
   out = os.path.join(workdir, 'export')

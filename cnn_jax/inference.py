@@ -313,6 +313,16 @@ class Ensemble:
                for run in self.runs)
 
 
+def check_plain_pixels(config: Config, workdir: str, mode: str) -> None:
+  """Refuses to serve images in their own order to a run trained on
+  permuted pixels (an experiment setting, ``--permute_pixels``)."""
+  if config.permute_pixels:
+    raise CnnJaxError(f'{workdir} was trained with --permute_pixels: it '
+                      'expects every image\'s pixels in one shuffled order, '
+                      f'so --mode={mode} does not serve it; use --mode=eval '
+                      'or analyze')
+
+
 def check_same_data(info: input_pipeline.DatasetInfo,
                     other: input_pipeline.DatasetInfo, where: str) -> None:
   """Fails when runs on ``other`` cannot be combined with runs on ``info``."""

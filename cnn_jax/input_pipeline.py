@@ -22,6 +22,8 @@ import numpy as np
 from cnn_jax import data_cache
 from cnn_jax.config import Config, CnnJaxError
 
+# The one permutation of --permute_pixels: fixed, whatever the run's seed.
+PERMUTATION_SEED = 0x5EED
 DATA_DIR_HINT = ('point --tfds_data_dir (or $TFDS_DATA_DIR) at a TFDS data '
                  'dir that holds it (DIR/<dataset>/<version>/)')
 
@@ -180,7 +182,8 @@ def load(config: Config, splits: Sequence[str] = ('train', 'val', 'test')
 
   'val' is the last `config.val_examples` examples of the TFDS train split and
   'train' the rest (optionally its first `config.train_examples`), so the two
-  never overlap and test is never used for model selection.
+  never overlap and test is never used for model selection. With
+  ``permute_pixels`` every image's pixels are shuffled by one fixed order.
   """
   wanted = (['train'] if 'train' in splits or 'val' in splits else []) + (
       ['test'] if 'test' in splits else [])
@@ -205,7 +208,25 @@ def load(config: Config, splits: Sequence[str] = ('train', 'val', 'test')
       test = Split(test.images[:config.test_examples],
                    test.labels[:config.test_examples])
     out['test'] = test
+  if config.permute_pixels:
+    out = {k: v if v is None else Split(permute_pixels(v.images), v.labels)
+           for k, v in out.items()}
   return Dataset(info=info, **out)
+
+
+def pixel_permutation(image_shape: Sequence[int]) -> np.ndarray:
+  """The fixed order of ``--permute_pixels``: a permutation of the H*W
+  positions (every channel moves alike), the same for every split and run."""
+  h, w = image_shape[:2]
+  return np.random.default_rng(PERMUTATION_SEED).permutation(h * w)
+
+
+def permute_pixels(images: np.ndarray) -> np.ndarray:
+  """uint8 NHWC images with their pixel positions shuffled by
+  `pixel_permutation`."""
+  n, h, w, c = images.shape
+  order = pixel_permutation((h, w))
+  return images.reshape(n, h * w, c)[:, order].reshape(n, h, w, c)
 
 
 def _data_cache(config: Config) -> data_cache.DataCache | None:

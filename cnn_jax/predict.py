@@ -241,6 +241,7 @@ class Classifier:
     """The workdir's models, best params and dataset info (a run, a
     many-member run or an ensemble); no TFDS needed."""
     from cnn_jax import inference  # Imports JAX.
+    inference.check_plain_pixels(config, workdir, 'predict')
     ensemble = inference.load(workdir, config)
     info = ensemble.info
     if len(info.image_shape) != 3 or info.image_shape[-1] != 1:

@@ -89,3 +89,28 @@ def test_other_mnist_shaped_datasets_read_their_own_classes(tmp_path):
   info = input_pipeline.dataset_info(
       tfds.builder('fashion_mnist', data_dir=str(tmp_path)))
   assert info.num_classes == 10 and info.class_names[0] == 'T-shirt/top'
+
+
+def test_permute_pixels_shuffles_every_split_by_one_fixed_order(mock_tfds,
+                                                               tmp_path):
+  plain = input_pipeline.load(tiny_config(tmp_path))
+  config = tiny_config(tmp_path, permute_pixels=True)
+  shuffled = input_pipeline.load(config)
+  order = input_pipeline.pixel_permutation((28, 28))
+  assert sorted(order) == list(range(28 * 28))
+  assert not np.array_equal(order, np.arange(28 * 28))
+  for split in ('train', 'val', 'test'):
+    a, b = getattr(plain, split), getattr(shuffled, split)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    n = len(a)
+    np.testing.assert_array_equal(
+        a.images.reshape(n, -1, 1)[:, order], b.images.reshape(n, -1, 1))
+  # The same order for every run, whatever its seed.
+  again = input_pipeline.load(config.replace(seed=5))
+  np.testing.assert_array_equal(again.test.images, shuffled.test.images)
+
+
+def test_permuted_pixels_and_augmentation_do_not_mix(tmp_path):
+  from cnn_jax.config import validate
+  with pytest.raises(CnnJaxError, match='--augment shifts .* --noaugment'):
+    validate(tiny_config(tmp_path, permute_pixels=True, augment=True))

@@ -227,3 +227,20 @@ def test_predict_bad_arguments(trained_simple, tmp_path):
   with pytest.raises(CnnJaxError, match='save_preprocessed'):
     predict.main(config, workdir, ['x.png'],
                  save_dir=str(tmp_path / 'file' / 'sub'))
+
+
+def test_a_run_on_permuted_pixels_is_not_served(trained_simple, tmp_path):
+  import shutil
+  from cnn_jax import export
+  from cnn_jax import workdir as workdir_lib
+  _, workdir = trained_simple
+  copy = tmp_path / 'permuted'
+  shutil.copytree(workdir, copy)
+  saved = json.loads((copy / 'config.json').read_text())
+  (copy / 'config.json').write_text(json.dumps({**saved,
+                                                'permute_pixels': True}))
+  config = workdir_lib.load_config(str(copy))
+  for call in (lambda: predict.Classifier.restore(config, str(copy)),
+               lambda: export.export(config, str(copy))):
+    with pytest.raises(CnnJaxError, match='trained with --permute_pixels'):
+      call()
