@@ -161,6 +161,19 @@ class Config:
     return self.tfds_data_dir or os.environ.get('TFDS_DATA_DIR') or None
 
 
+def config_changes(saved: dict[str, Any], config: Config) -> list[str]:
+  """How ``config`` differs from a saved one (``config.json``'s dict), as
+  ``--name=old->new``, for the fields a resumed run may not change.
+
+  Fields added since that file was written take their defaults, removed
+  ones are ignored, and older per-model keys become ``model_options``.
+  """
+  before = json.loads(Config.from_dict(saved).to_json())
+  now = json.loads(config.to_json())
+  return [f'--{k}={before.get(k)!r}->{now[k]!r}' for k in sorted(now)
+          if k not in RESUMABLE_FIELDS and before.get(k) != now[k]]
+
+
 def validate(config: Config) -> Config:
   """Raises CnnJaxError naming the first bad value; returns config."""
   def bad(msg: str) -> None:

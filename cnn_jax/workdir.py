@@ -23,7 +23,7 @@ import jax
 from cnn_jax import input_pipeline
 from cnn_jax import results as results_lib
 from cnn_jax.config import (Config, CnnJaxError, EVAL_OVERRIDE_FIELDS,
-                            RESUMABLE_FIELDS, validate)
+                            config_changes, validate)
 
 CONFIG = 'config.json'
 DATASET_INFO = 'dataset_info.json'
@@ -54,17 +54,6 @@ def require_run(workdir: str) -> None:
   if not os.path.isfile(os.path.join(workdir, CONFIG)):
     raise CnnJaxError(f'no run found in --workdir={workdir} (it has no '
                       f'{CONFIG}); train first with --mode=train')
-
-
-def config_changes(old: dict[str, Any], config: Config) -> list[str]:
-  """How ``config`` differs from a saved one (``config.json``'s dict), as
-  ``--name=old->new`` for the fields a resumed run may not change."""
-  # Fields added since that run take their defaults, removed ones are
-  # ignored, and older per-model keys become model_options.
-  before = json.loads(Config.from_dict(old).to_json())
-  now = json.loads(config.to_json())
-  return [f'--{k}={before.get(k)!r}->{now[k]!r}' for k in sorted(now)
-          if k not in RESUMABLE_FIELDS and before.get(k) != now[k]]
 
 
 def prepare(config: Config, workdir: str) -> None:

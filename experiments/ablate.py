@@ -1,18 +1,24 @@
 r"""Runs a named ablation study over several seeds and tabulates it.
 
-  python experiments/ablate.py --study=filters --out=experiments/results
-  python experiments/ablate.py --study=filters --quick --out=/tmp/abl
+  python -m experiments.ablate --study=filters --out=experiments/results
+  python -m experiments.ablate --study=filters --budget=full \
+      --out=experiments/results/full
+  python -m experiments.ablate --study=filters --quick --out=/tmp/abl
 
-Every run starts from a recipe flagfile (the study's, normally
-``experiments/configs/ablation.flags``; ``--recipe=PATH`` for another), read
-by absl exactly as ``python -m cnn_jax.main --flagfile=...`` reads it. By
+Every run starts from a recipe flagfile, read by absl exactly as ``python -m
+cnn_jax.main --flagfile=...`` reads it: with ``--budget=short`` (default)
+``experiments/configs/ablation.flags`` (2 epochs); with ``--budget=full``
+the recipe each variant varies, at its own length (`ablation_studies`);
+``--recipe=PATH`` for another. By
 default the seeds of a variant train together in one process, as the members
 of one ``--num_models=N`` run (jax.vmap: one compilation per variant), in
 ``OUT/STUDY/runs/<variant>``; ``--separate_seeds`` runs one process per seed
 in ``OUT/STUDY/runs/<variant>_seed<k>`` instead (for one GPU per job). Each
 run logs to its workdir's ``log.txt``. Runs whose ``results.json`` exists are
 skipped, so re-running the same command resumes a sweep (an interrupted run
-resumes from its own latest checkpoint). Finally ``OUT/STUDY/`` gets
+resumes from its own latest checkpoint), and a run whose configuration a
+finished run of another study under the same ``--out`` already has (the
+same model, recipe, seeds...) links to it instead of training again. Finally ``OUT/STUDY/`` gets
 ``results.csv`` (one row per seed), ``results.md`` (mean ± std over seeds per
 variant), ``accuracy.png`` (accuracy vs the study's knob) and ``cost.png``.
 
@@ -45,17 +51,14 @@ import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-EXPERIMENTS = pathlib.Path(__file__).resolve().parent
-REPO = EXPERIMENTS.parent
-for _p in (str(EXPERIMENTS), str(REPO)):
-  if _p not in sys.path:
-    sys.path.insert(0, _p)
+from cnn_jax import config_flags
+from cnn_jax.config import Config, CnnJaxError, config_changes
+from experiments import ablation_report
+from experiments.ablation_studies import (BUDGETS, DEFAULT_SEEDS,
+                                          QUICK_RECIPE, Study, Variant,
+                                          studies)
 
-import ablation_report  # noqa: E402
-from ablation_studies import (CONFIGS, DEFAULT_SEEDS, QUICK_RECIPE,  # noqa: E402
-                              Study, Variant, studies)
-from cnn_jax import config_flags  # noqa: E402
-from cnn_jax.config import Config, CnnJaxError, RESUMABLE_FIELDS  # noqa: E402
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Flags ablate.py sets itself for every run.
 RESERVED_FLAGS = ('workdir', 'mode', 'seed', 'num_models')
@@ -96,9 +99,16 @@ class Outcome:
 
 # Flags ------------------------------------------------------------------------
 def to_argv(flags: Mapping[str, Any]) -> list[str]:
-  """``--name=value`` args (bools as true/false) in the mapping's order."""
+  """``--name=value`` args (bools as true/false, lists joined by commas,
+  a mapping as ``key=value,...``: model options) in the mapping's order."""
   def text(v: Any) -> str:
-    return str(v).lower() if isinstance(v, bool) else str(v)
+    if isinstance(v, bool):
+      return str(v).lower()
+    if isinstance(v, (list, tuple)):
+      return ','.join(text(x) for x in v)
+    if isinstance(v, Mapping):
+      return ','.join(f'{k}={text(x)}' for k, x in v.items())
+    return str(v)
   return [f'--{k}={text(v)}' for k, v in flags.items()]
 
 
@@ -144,13 +154,19 @@ def parse_base_options(args: Sequence[str], study: Study
 def run_argv(study: Study, variant: Variant, seeds: Sequence[int],
              quick: bool, base: tuple[Sequence[str], Sequence[str]],
              recipe: str, data_dir: str) -> list[str]:
-  """A run's cnn_jax.main arguments; later ones win (see the docstring)."""
+  """A run's cnn_jax.main arguments; later ones win (see the docstring).
+  A `same_steps` study's smaller training sets get more epochs (not with
+  ``quick``, a smoke test)."""
   flagfiles, explicit = base
   argv = [f'--flagfile={recipe}', *to_argv(study.base), *flagfiles]
   if quick:
     argv.append(f'--flagfile={QUICK_RECIPE}')
-  argv += [*explicit, *to_argv(variant.overrides), f'--seed={seeds[0]}',
-           f'--num_models={len(seeds)}']
+  argv += [*explicit, *to_argv(variant.overrides)]
+  epochs = None if quick else study.epochs(
+      variant, config_flags.config_from_argv(argv).epochs)
+  if epochs:
+    argv.append(f'--epochs={epochs}')
+  argv += [f'--seed={seeds[0]}', f'--num_models={len(seeds)}']
   if data_dir:
     argv.append(f'--tfds_data_dir={data_dir}')
   return argv
@@ -159,16 +175,16 @@ def run_argv(study: Study, variant: Variant, seeds: Sequence[int],
 def plan(study: Study, variants: Sequence[Variant], seeds: int, out: str,
          quick: bool, base: tuple[Sequence[str], Sequence[str]],
          data_dir: str, recipe: str | None = None,
-         separate_seeds: bool = False) -> list[Run]:
+         separate_seeds: bool = False, budget: str = 'short') -> list[Run]:
   """Every run of the study, its flags checked by `cnn_jax.config`."""
-  recipe = recipe or str(CONFIGS / study.recipe)
   runs = []
   for variant in variants:
     groups = ([(k,) for k in range(seeds)] if separate_seeds
               else [tuple(range(seeds))])
     for group in groups:
-      argv = run_argv(study, variant, group, quick, base, recipe, data_dir)
       try:
+        argv = run_argv(study, variant, group, quick, base,
+                        recipe or study.recipe(budget, variant), data_dir)
         config_flags.config_from_argv(argv)
       except CnnJaxError as e:
         raise UsageError(f'variant {variant.name}: {e}') from None
@@ -186,14 +202,47 @@ def stale_error(run: Run) -> str | None:
       old = json.load(f)
   except (OSError, ValueError):
     return f'{run.workdir} has results.json but no readable config.json'
-  new = json.loads(run.config().to_json())
-  diff = sorted(k for k in new
-                if k not in RESUMABLE_FIELDS and old.get(k) != new[k])
+  diff = config_changes(old, run.config())
   if not diff:
     return None
-  shown = ', '.join(f'--{k}={old.get(k)!r}->{new.get(k)!r}' for k in diff[:3])
-  return (f'finished with a different config ({shown}); use another --out '
-          'or delete the run')
+  return (f'finished with a different config ({", ".join(diff[:3])}); use '
+          'another --out or delete the run')
+
+
+def finished_twin(run: Run, out: str) -> str | None:
+  """A finished run under ``out`` (another study's) with ``run``'s exact
+  configuration, which can stand for it: same recipe, seeds, everything."""
+  config = run.config()
+  for path in sorted(glob.glob(os.path.join(out, '*', 'runs', '*',
+                                            'results.json'))):
+    workdir = os.path.dirname(path)
+    if os.path.realpath(workdir) == os.path.realpath(run.workdir):
+      continue
+    try:
+      with open(os.path.join(workdir, 'config.json')) as f:
+        if not config_changes(json.load(f), config):
+          return os.path.realpath(workdir)
+    except (OSError, ValueError, CnnJaxError):
+      continue
+  return None
+
+
+def link_twins(runs: Sequence[Run], out: str,
+               say: Callable[[str], None]) -> list[Run]:
+  """Links each run not yet started to its finished twin, if it has one
+  (a relative symlink, so ``out`` can move); returns the runs still to do."""
+  pending = []
+  for run in runs:
+    twin = None if os.path.lexists(run.workdir) else finished_twin(run, out)
+    if twin is None:
+      pending.append(run)
+      continue
+    os.makedirs(os.path.dirname(run.workdir), exist_ok=True)
+    os.symlink(os.path.relpath(twin, os.path.dirname(run.workdir)),
+               run.workdir)
+    say(f'same  {run.name}: the finished run {twin} has its exact '
+        'configuration; linked, not trained again')
+  return pending
 
 
 # Devices ------------------------------------------------------------------------
@@ -354,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--study', required=True,
                       help='study to run, or "list" to list them')
   parser.add_argument('--out', help='output dir; the study writes OUT/STUDY/')
+  parser.add_argument('--budget', choices=BUDGETS, default='short',
+                      help='short: every run the 2-epoch ablation.flags; '
+                      'full: the recipe each variant varies, at its own '
+                      'length')
   parser.add_argument('--quick', action='store_true',
                       help='a few steps on a small subset (minutes on a CPU)')
   parser.add_argument('--seeds', type=_positive_int,
@@ -370,8 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--dry_run', action='store_true',
                       help='print the commands of the pending runs and stop')
   parser.add_argument('--recipe',
-                      help='recipe flagfile for every run (default: the '
-                      'study\'s, experiments/configs/ablation.flags)')
+                      help='recipe flagfile for every run (default: by '
+                      '--budget)')
   parser.add_argument('--separate_seeds', action='store_true',
                       help='one process per seed instead of all seeds of a '
                       'variant as the members of one --num_models run')
@@ -402,14 +455,15 @@ def _main(argv: Sequence[str], say: Callable[[str], None]) -> int:
   study = all_studies[args.study]
   if not args.out:
     raise UsageError('--out is required')
-  mode = 'quick' if args.quick else 'full'
+  mode = 'quick' if args.quick else args.budget
   seeds = args.seeds or DEFAULT_SEEDS[mode]
   variants = _select(study, args.variants)
   if args.recipe and not os.path.isfile(args.recipe):
     raise UsageError(f'--recipe={args.recipe} is not a readable file')
   base = parse_base_options(extra, study)
   runs = plan(study, variants, seeds, args.out, args.quick, base,
-              args.tfds_data_dir, args.recipe, args.separate_seeds)
+              args.tfds_data_dir, args.recipe, args.separate_seeds,
+              args.budget)
   finished = [r for r in runs
               if ablation_report.read_results(r.workdir) is not None]
   pending = [r for r in runs if r not in finished]
@@ -422,7 +476,9 @@ def _main(argv: Sequence[str], say: Callable[[str], None]) -> int:
       say(shlex.join(r.command()))
     return 0
 
-  errors = {r.workdir: stale_error(r) for r in finished}
+  pending = link_twins(pending, args.out, say)
+  errors = {r.workdir: stale_error(r) for r in runs if r not in pending
+            and ablation_report.read_results(r.workdir) is not None}
   jobs = args.jobs
   env = dict(os.environ)
   if jobs > 1 and tpu_present(env):
@@ -438,7 +494,9 @@ def _main(argv: Sequence[str], say: Callable[[str], None]) -> int:
 
   rows = [row for r in runs for row in ablation_report.run_rows(
       r.variant, r.seeds, r.workdir, errors.get(r.workdir))]
-  paths = ablation_report.write_report(study_dir, study, rows, mode)
+  recipes = sorted({os.path.basename(r.argv[0].split('=', 1)[1])
+                    for r in runs})
+  paths = ablation_report.write_report(study_dir, study, rows, mode, recipes)
   summaries = ablation_report.summarize(study, rows)
   say('\n' + ablation_report.markdown_table(study, summaries))
   say('wrote ' + ', '.join(paths))

@@ -16,8 +16,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ablation_studies import Study, Variant
 from cnn_jax import results as results_lib  # Plain data: imports no JAX.
+from experiments.ablation_studies import Study, Variant
 
 METRICS = ('test_accuracy', 'test_loss', 'best_val_accuracy', 'num_params',
            'train_seconds', 'train_img_per_s', 'epochs')
@@ -83,7 +83,7 @@ def run_rows(variant: Variant, seeds: Sequence[int], workdir: str,
                  train_img_per_s=training.train_img_per_s,
                  ensemble_accuracy=(results.ensemble.test_accuracy
                                     if results.ensemble else None))
-    row.update(variant.overrides)
+    row.update(variant.columns())
     rows.append(row)
   return rows
 
@@ -272,15 +272,22 @@ def plot_cost(path: str, study: Study, summaries: Sequence[Summary],
 
 
 def write_report(study_dir: str, study: Study,
-                 rows: Sequence[dict[str, Any]], mode: str) -> list[str]:
-  """Writes results.csv, results.md and the plots; returns their paths."""
+                 rows: Sequence[dict[str, Any]], mode: str,
+                 recipes: Sequence[str] = ()) -> list[str]:
+  """Writes results.csv, results.md and the plots; returns their paths.
+  ``mode`` is the budget (or quick) and ``recipes`` the runs' flagfiles."""
   summaries = summarize(study, rows)
   seeds = sorted({r['seed'] for r in rows})
-  header = (f'Mode: **{mode}**; seeds {", ".join(map(str, seeds))}; test '
-            'accuracy of each run\'s best-validation checkpoint, mean ± '
-            'sample std over seeds.\n')
+  epochs = sorted({int(r['epochs']) for r in rows if r.get('epochs')})
+  header = (f'Budget: **{mode}**'
+            + (f' (recipe {", ".join(f"`{r}`" for r in recipes)})'
+               if recipes else '')
+            + (f'; epochs {", ".join(map(str, epochs))}' if epochs else '')
+            + f'; seeds {", ".join(map(str, seeds))}; test accuracy of each '
+            'run\'s best-validation checkpoint, mean ± sample std over '
+            'seeds.\n')
   paths = [os.path.join(study_dir, n) for n in ('results.csv', 'results.md')]
-  write_csv(paths[0], rows, study.varied_flags)
+  write_csv(paths[0], rows, study.columns)
   write_markdown(paths[1], study, summaries, rows, header)
   if any(s.n for s in summaries):
     title = f'{study.name} ({mode}, {len(seeds)} seed(s))'

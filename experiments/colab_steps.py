@@ -1,7 +1,7 @@
 """The steps of `colab_tpu.ipynb`, one function per notebook cell.
 
 Every step runs `cnn_jax` in a subprocess (``python -m cnn_jax.main ...`` or
-``experiments/ablate.py``), prints the command and the progress lines, and
+``python -m experiments.ablate ...``), prints the command and the progress lines, and
 keeps the full output in a ``log.txt``. The notebook's own process never
 imports JAX: a TPU belongs to one process at a time, so a kernel holding it
 would make every training subprocess fail.
@@ -22,8 +22,8 @@ import subprocess
 import sys
 from typing import Callable, Sequence
 
-from ablation_studies import QUICK_RECIPE
 from cnn_jax import results  # Plain data: imports no JAX.
+from experiments.ablation_studies import QUICK_RECIPE
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parent
 REPO = EXPERIMENTS.parent
@@ -142,8 +142,8 @@ def train(model: str, workdir: str, quick: bool, data_dir: str = '',
 def ablate(study: str, out: str, quick: bool, seeds: int, jobs: int,
            data_dir: str = '', variants: str | None = None,
            extra: Sequence[str] = ()) -> str:
-  """Runs an ablation study with experiments/ablate.py; returns its dir."""
-  cmd = [sys.executable, str(EXPERIMENTS / 'ablate.py'), f'--study={study}',
+  """Runs an ablation study with experiments.ablate; returns its dir."""
+  cmd = [sys.executable, '-m', 'experiments.ablate', f'--study={study}',
          f'--out={os.path.abspath(out)}', f'--seeds={seeds}',
          f'--jobs={jobs}', *(['--quick'] if quick else []),
          *_data_flags(data_dir),

@@ -1,7 +1,7 @@
 r"""Tunes a short recipe on the validation split only (the test split is never
 loaded): every combination of the ``--grid`` values, for every seed.
 
-  python experiments/tune_fast.py --flagfile=experiments/configs/fast.flags \
+  python -m experiments.tune_fast --flagfile=experiments/configs/fast.flags \
       --grid=batch_size=64,128 --grid=learning_rate=3e-3,5e-3 --seeds=0,1 \
       --out=/tmp/tune.jsonl
 
@@ -18,18 +18,13 @@ import dataclasses
 import itertools
 import json
 import os
-import sys
 import time
 from typing import Any
 
 from absl import app, flags, logging
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
-
-from cnn_jax import config_flags, runtime  # noqa: E402
-from cnn_jax.config import Config  # noqa: E402
+from cnn_jax import config_flags, runtime
+from cnn_jax.config import Config
 
 _GRID = flags.DEFINE_multi_string(
     'grid', [], 'FIELD=V1,V2,...: a Config field and the values to try.')
@@ -48,8 +43,9 @@ def parse_grid(specs: list[str]) -> list[dict[str, Any]]:
   axes = []
   for spec in specs:
     name, _, values = spec.partition('=')
-    if name not in _TYPES:
-      raise app.UsageError(f'--grid: {name!r} is not a Config field')
+    if _TYPES.get(name) not in cast:
+      raise app.UsageError(f'--grid: {name!r} is not a Config field of one '
+                           'number, string or bool')
     axes.append([(name, cast[_TYPES[name]](v)) for v in values.split(',')])
   return [dict(combo) for combo in itertools.product(*axes)]
 

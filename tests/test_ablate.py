@@ -1,4 +1,4 @@
-"""`experiments/ablate.py`: studies, flags, the sweep runner and its report."""
+"""`experiments.ablate`: studies, flags, the sweep runner and its report."""
 
 from __future__ import annotations
 
@@ -13,14 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, real_tfds_dir
-from cnn_jax import config_flags
-
-sys.path.insert(0, str(REPO / 'experiments'))
-import ablate  # noqa: E402
-import ablation_report  # noqa: E402
-import ablation_studies  # noqa: E402
-
-ABLATE = str(REPO / 'experiments' / 'ablate.py')
+from cnn_jax import config_flags, registry
+from experiments import ablate, ablation_report, ablation_studies
 
 
 def _main(capsys, *argv: str) -> tuple[int, str, str]:
@@ -43,7 +37,7 @@ def test_studies_vary_what_they_promise():
           studies['filters'].variants] == [0.5, 1.0, 2.0]
   bd = studies['batchnorm_dropout']
   assert bd.base['model'] == 'deep_cnn'
-  assert {(v.overrides['batch_norm'], v.overrides['dropout_rate'])
+  assert {(v.columns()['batch_norm'], v.columns()['dropout_rate'])
           for v in bd.variants} == {(b, d) for b in (True, False)
                                     for d in (0.0, 0.25, 0.5)}
   assert {v.overrides['augment'] for v in
@@ -53,6 +47,14 @@ def test_studies_vary_what_they_promise():
           for v in opt.variants} == {
               (o, s) for o in ('sgd', 'nesterov', 'adam', 'adamw')
               for s in ('constant', 'cosine', 'onecycle')}
+  why = studies['why_conv']
+  assert {(v.overrides['model'], v.overrides['permute_pixels'])
+          for v in why.variants} == {(m, p) for m in ('simple_cnn', 'mlp')
+                                     for p in (False, True)}
+  size = studies['data_size']
+  assert {(v.overrides['model'], v.knob) for v in size.variants} == {
+      (m, n) for m in ('simple_cnn', 'mlp')
+      for n in (1_000, 5_000, 15_000, 55_000)}
   for study in studies.values():
     names = [v.name for v in study.variants]
     assert len(set(names)) == len(names)
@@ -72,8 +74,14 @@ def test_every_run_of_every_study_is_a_valid_config(quick, tmp_path):
       assert (config.seed, config.num_models) == (0, 3)
       assert run.seeds == (0, 1, 2)
       for k, v in run.variant.overrides.items():
-        assert getattr(config, k) == v
-      assert config.epochs == (1 if quick else recipe.epochs)
+        if k == 'model_options':
+          for name, value in v.items():
+            assert config.model_options.get(
+                name, registry.options(config.model)[name].default) == value
+        else:
+          assert getattr(config, k) == v
+      if not study.same_steps or quick:
+        assert config.epochs == (1 if quick else recipe.epochs)
     separate = ablate.plan(study, study.variants[:1], 2, str(tmp_path),
                            quick, ([], []), '', separate_seeds=True)
     assert [(r.seeds, r.config().num_models, r.name) for r in separate] == [
@@ -89,7 +97,8 @@ def test_flag_precedence(tmp_path):
                       '--noaugment\n--learning_rate=0.01\n')
   study = ablation_studies.studies()['filters']
   base = ablate.parse_base_options(
-      [f'--flagfile={flagfile}', '--learning_rate=0.02', '--dense_features=32'],
+      [f'--flagfile={flagfile}', '--learning_rate=0.02',
+       '--model_options=dense_features=32'],
       study)
   variant = study.variant('width2')
   recipe = str(REPO / 'experiments' / 'configs' / 'ablation.flags')
@@ -98,7 +107,8 @@ def test_flag_precedence(tmp_path):
   assert quick.epochs == 1  # --quick shrinks the flagfile's recipe...
   assert quick.learning_rate == 0.02  # ...command-line options win...
   assert quick.width_multiplier == 2.0  # ...and the variant wins last.
-  assert quick.augment is False and quick.dense_features == 32
+  assert quick.augment is False
+  assert quick.model_options == {'dense_features': 32}
   assert (quick.seed, quick.num_models, quick.tfds_data_dir) == (3, 2, '')
   full = config_flags.config_from_argv(
       ablate.run_argv(study, variant, [0], False, base, recipe, '/d'))
@@ -146,8 +156,9 @@ def test_bad_arguments_are_one_error_line(capsys, tmp_path, args, words):
 
 
 def test_cli_usage_error_has_no_traceback(tmp_path):
-  proc = subprocess.run([sys.executable, ABLATE, '--study=filters'],
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run([sys.executable, '-m', 'experiments.ablate',
+                         '--study=filters'], capture_output=True, text=True,
+                        timeout=120, cwd=REPO)
   assert proc.returncode == 2
   assert proc.stderr == 'error: --out is required\n'
 
@@ -159,8 +170,9 @@ def test_dry_run_lists_pending_commands(capsys, tmp_path):
   assert code == 0
   cmd = [line for line in out.splitlines() if 'cnn_jax.main' in line]
   assert len(cmd) == 1
-  for flag in ('--model=deep_cnn', '--batch_norm=false',
-               '--dropout_rate=0.5', '--kernels=flax',
+  for flag in ('--model=deep_cnn',
+               '--model_options=batch_norm=false,dropout_rate=0.5',
+               '--kernels=flax',
                '/experiments/configs/quick.flags',
                '/experiments/configs/ablation.flags', '--seed=0',
                '--num_models=1',
@@ -171,8 +183,11 @@ def test_dry_run_lists_pending_commands(capsys, tmp_path):
 
 # Aggregation ------------------------------------------------------------------------
 def _fake_run(workdir, accuracy, params=1000, seconds=10.0):
+  """A finished one-network run, its results.json in the layout written
+  before members were shared by every kind of run (still read)."""
   workdir.mkdir(parents=True)
   (workdir / 'results.json').write_text(json.dumps({
+      'model': 'simple_cnn', 'dataset': 'mnist',
       'test_accuracy': accuracy, 'test_loss': 1 - accuracy,
       'best_val_accuracy': accuracy + 0.01, 'num_params': params,
       'train_seconds': seconds, 'train_img_per_s': 1000 / seconds,
@@ -249,14 +264,21 @@ FAKE_MAIN = textwrap.dedent('''\
       f.write(config.to_json())
     seeds = range(config.seed, config.seed + config.num_models)
     accs = [0.5 + 0.1 * config.width_multiplier + 0.01 * s for s in seeds]
-    results = {{'test_accuracy': accs[0], 'test_loss': 1.0,
-               'best_val_accuracy': accs[0], 'num_params': 7, 'epochs': 1,
-               'train_seconds': 2.0 * len(accs), 'train_img_per_s': 50.0}}
-    if len(accs) > 1:
-      results['test_accuracy'] = max(accs) + 0.005  # The averaged members.
-      results['members'] = [{{'seed': s, 'test_accuracy': a, 'test_loss': 1.0,
-                              'best_val_accuracy': a}}
-                            for s, a in zip(seeds, accs)]
+    results = {{
+        'layout': 2, 'model': config.model, 'dataset': 'mnist',
+        'test_examples': 10,
+        'members': [{{'name': f'seed{{s}}', 'model': config.model, 'seed': s,
+                      'num_params': 7, 'best_epoch': 1,
+                      'best_val_accuracy': a, 'best_val_loss': 1.0,
+                      'test_accuracy': a, 'test_loss': 1.0}}
+                    for s, a in zip(seeds, accs)],
+        'training': {{'epochs': 1, 'steps': 1, 'best_metric': 'val_loss',
+                      'train_seconds': 2.0 * len(accs),
+                      'train_img_per_s': 50.0, 'num_devices': 1,
+                      'backend': 'cpu', 'kernels': 'auto'}}}}
+    if len(accs) > 1:  # The averaged members.
+      results['ensemble'] = {{'test_accuracy': max(accs) + 0.005,
+                             'test_loss': 1.0, 'vote_accuracy': max(accs)}}
     json.dump(results, open(os.path.join(workdir, 'results.json'), 'w'))
 ''')
 
@@ -325,6 +347,51 @@ def test_seeds_of_a_variant_train_as_one_many_member_run(
   assert 'seeds averaged %' in md and '| 62.50 |' in md
 
 
+def test_full_budget_runs_each_variant_at_its_own_recipe_length(tmp_path):
+  recipes = {name: config_flags.config_from_flagfile(
+      str(REPO / 'experiments' / 'configs' / f'{name}.flags'))
+             for name in ('simple_cnn', 'deep_cnn')}
+  augmentation = ablation_studies.studies()['augmentation']
+  for run in ablate.plan(augmentation, augmentation.variants, 3,
+                         str(tmp_path), False, ([], []), '', budget='full'):
+    config = run.config()
+    assert run.argv[0].endswith(f'/configs/{config.model}.flags')
+    assert config.epochs == recipes[config.model].epochs  # 12 and 18.
+  # Models compared under one recipe; fewer images, as many steps.
+  size = ablation_studies.studies()['data_size']
+  runs = {r.variant.name: r.config() for r in ablate.plan(
+      size, size.variants, 3, str(tmp_path), False, ([], []), '',
+      budget='full')}
+  full = recipes['simple_cnn']
+  assert runs['simple_all'].epochs == runs['mlp_all'].epochs == full.epochs
+  assert runs['mlp_1000'].epochs == 12 * 55
+  assert not runs['mlp_5000'].augment and runs['mlp_5000'].model == 'mlp'
+  for config in runs.values():
+    steps = (config.train_examples or 55_000) // 128 * config.epochs
+    assert abs(steps - full.epochs * (55_000 // 128)) / steps < 0.2
+
+
+def test_a_run_another_study_finished_with_its_config_is_linked(
+    capsys, tmp_path, fake_main):
+  """filters/width1 and layer_filters/base are the same configuration:
+  the second study links to the first one's finished run."""
+  out_dir = tmp_path / 'out'
+  assert _main(capsys, '--study=filters', '--quick', '--seeds=2',
+               '--variants=width1', f'--out={out_dir}')[0] == 0
+  code, out, _ = _main(capsys, '--study=layer_filters', '--quick',
+                       '--seeds=2', '--variants=base,conv1x2',
+                       f'--out={out_dir}')
+  assert code == 0
+  assert fake_main.read_text().split() == ['width1', 'conv1x2']  # Not base.
+  assert 'same  base: the finished run' in out
+  linked = out_dir / 'layer_filters' / 'runs' / 'base'
+  assert linked.is_symlink()
+  assert linked.resolve() == (out_dir / 'filters' / 'runs' / 'width1').resolve()
+  table = {r['variant']: r for r in _csv(out_dir / 'layer_filters' /
+                                         'results.csv')}
+  assert table['base']['status'] == 'ok'
+
+
 def test_finished_run_with_another_config_is_not_reused(
     capsys, tmp_path, fake_main):
   args = ['--study=filters', '--quick', '--seeds=1', '--variants=width1',
@@ -372,11 +439,13 @@ def test_quick_study_trains_on_real_mnist_and_resumes(tmp_path):
   data = real_tfds_dir()
   if data is None:
     pytest.skip('prepared MNIST not found')
-  cmd = [sys.executable, ABLATE, '--study=filters', '--quick', '--seeds=1',
+  cmd = [sys.executable, '-m', 'experiments.ablate', '--study=filters',
+         '--quick', '--seeds=1',
          '--jobs=2', '--variants=width0.5,width1', f'--out={tmp_path}',
          f'--tfds_data_dir={data}', '--download=false', '--noaugment',
          '--train_examples=256', '--val_examples=128', '--test_examples=200']
-  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                        cwd=REPO)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   study_dir = tmp_path / 'filters'
   table = {r['variant']: r for r in _csv(study_dir / 'results.csv')}
@@ -388,11 +457,13 @@ def test_quick_study_trains_on_real_mnist_and_resumes(tmp_path):
     assert 0.0 <= float(r['test_accuracy']) <= 1.0
     results = json.loads((study_dir / 'runs' / r['variant'] /
                           'results.json').read_text())
-    assert results['test_examples'] == 200 and results['steps'] == 4
+    assert results['test_examples'] == 200
+    assert results['training']['steps'] == 4
   assert (study_dir / 'accuracy.png').read_bytes()[:4] == b'\x89PNG'
   assert '| width1 | 1 |' in (study_dir / 'results.md').read_text()
 
-  again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  again = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         cwd=REPO)
   assert again.returncode == 0, again.stdout + again.stderr
   assert '2 already finished, 0 to run' in again.stdout
   assert 'start ' not in again.stdout

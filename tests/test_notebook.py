@@ -14,8 +14,7 @@ import pytest
 
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / 'experiments'))
-import colab_steps  # noqa: E402
+from experiments import colab_steps
 
 NOTEBOOK = REPO / 'experiments' / 'colab_tpu.ipynb'
 SETTINGS = 'QUICK = '  # The settings cell starts with this assignment.

@@ -1,4 +1,4 @@
-"""`experiments/tune_fast.py`: a validation-only sweep, resumable, on mock data."""
+"""`experiments.tune_fast`: a validation-only sweep, resumable, on mock data."""
 
 from __future__ import annotations
 
@@ -10,12 +10,10 @@ from conftest import MOCK_EXAMPLES, REPO
 
 # Runs the script's main under mock data, and fails if the test split loads.
 _RUN = f'''
-import sys
-sys.path.insert(0, {str(REPO / 'experiments')!r})
 import tensorflow_datasets as tfds
 from absl import app
 from cnn_jax import input_pipeline
-import tune_fast
+from experiments import tune_fast
 load = input_pipeline.load
 def no_test(config, splits=('train', 'val', 'test')):
   assert 'test' not in splits, splits
