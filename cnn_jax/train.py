@@ -150,10 +150,12 @@ class Trainer:
   """
 
   def __init__(self, config: Config, num_classes: int,
-               mesh: Mesh | None = None):
+               mesh: Mesh | None = None, model: nn.Module | None = None):
+    """``model`` (default: the registry's, with ``config.kernels``) is the
+    training model; it must compute the stock model's function."""
     self.config, self.num_classes = config, num_classes
     self.members = config.num_models if config.num_models > 1 else 0
-    self.model = registry.create_model(config, num_classes)
+    self.model = model or registry.create_model(config, num_classes)
     self.mesh = mesh or inference.data_mesh()
     self.predictor = inference.Predictor(
         registry.create_model(config, num_classes, training=False),
@@ -259,10 +261,12 @@ class Setup:
 
 def setup(config: Config, num_classes: int, image_shape: Sequence[int],
           images: np.ndarray, labels: np.ndarray, mesh: Mesh | None = None,
-          state: TrainState | None = None) -> Setup:
-  """The trainer, the initial state (``state``, else `create_train_state`)
-  and the training data placed on the devices, with the epoch's plan."""
-  trainer = Trainer(config, num_classes, mesh)
+          state: TrainState | None = None,
+          model: nn.Module | None = None) -> Setup:
+  """The trainer (of ``model``, see `Trainer`), the initial state
+  (``state``, else `create_train_state`) and the training data placed on
+  the devices, with the epoch's plan."""
+  trainer = Trainer(config, num_classes, mesh, model)
   steps = len(labels) // config.batch_size
   if steps == 0:
     raise CnnJaxError(f'--batch_size={config.batch_size} is larger than the '

@@ -1,4 +1,5 @@
-"""`experiments/benchmark.py --tiny --json` runs and reports sane figures."""
+"""`experiments.benchmark`'s tools run with ``--tiny`` and report sane
+figures; the peers are built from the models' own description."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from conftest import REPO
@@ -23,11 +25,7 @@ def _positive(value) -> bool:
 
 @pytest.fixture(scope='module')
 def tiny_results() -> dict:
-  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', 'CUDA_VISIBLE_DEVICES': ''}
-  proc = subprocess.run(
-      [sys.executable, str(REPO / 'experiments' / 'benchmark.py'), '--tiny',
-       '--json'], capture_output=True, text=True, timeout=300, env=env,
-      cwd=REPO)
+  proc = _benchmark('experiments.benchmark', '--json')
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout)
 
@@ -62,8 +60,8 @@ def test_tiny_json_is_complete_and_positive(tiny_results):
 
 @pytest.mark.slow
 def test_profile_lists_the_ops_and_layers_of_a_training_step():
-  proc = _benchmark('--profile', '--models=simple_cnn,deep_cnn',
-                    '--top_ops=40', '--json')
+  proc = _benchmark('experiments.benchmark.profile',
+                    '--models=simple_cnn,deep_cnn', '--top_ops=40', '--json')
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(proc.stdout)
   r = results['simple_cnn']
@@ -102,16 +100,17 @@ def test_profile_lists_the_ops_and_layers_of_a_training_step():
         r['torch_wall_ms_per_step'])
 
 
-def _benchmark(*args: str) -> subprocess.CompletedProcess:
+def _benchmark(tool: str, *args: str) -> subprocess.CompletedProcess:
   env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', 'CUDA_VISIBLE_DEVICES': ''}
   return subprocess.run(
-      [sys.executable, str(REPO / 'experiments' / 'benchmark.py'), '--tiny',
-       *args], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+      [sys.executable, '-m', tool, '--tiny', *args], capture_output=True,
+      text=True, timeout=300, env=env, cwd=REPO)
 
 
 @pytest.mark.slow
 def test_kernel_sweep_times_stock_flax_all_kernels_and_all_but_one():
-  proc = _benchmark('--models=simple_cnn,deep_cnn', '--kernel_sweep', '--json')
+  proc = _benchmark('experiments.benchmark.kernel_sweep',
+                    '--models=simple_cnn,deep_cnn', '--json')
   assert proc.returncode == 0, proc.stderr[-3000:]
   sweep = json.loads(proc.stdout)['kernel_sweep']
   assert list(sweep['deep_cnn']) == ['flax', 'cpu', 'cpu-conv', 'cpu-pool',
@@ -123,27 +122,45 @@ def test_kernel_sweep_times_stock_flax_all_kernels_and_all_but_one():
 
 
 def test_bad_model_or_kernels_are_one_line():
-  proc = _benchmark('--models=resnet')
+  proc = _benchmark('experiments.benchmark', '--models=resnet')
   assert proc.returncode != 0
   assert proc.stderr.strip().splitlines()[-1].startswith(
       "error: unknown --models/--peers entries: ['resnet']")
-  proc = _benchmark('--kernels=fast')
+  proc = _benchmark('experiments.benchmark', '--kernels=fast')
   assert proc.returncode != 0 and 'Traceback' not in proc.stderr
 
 
 def test_times_the_checkout_it_is_in_not_the_installed_package(tmp_path):
   """Run from another checkout (a git worktree of an older commit, say), the
-  script imports that checkout's cnn_jax, not the installed one."""
+  tools import that checkout's cnn_jax, not the installed one."""
   import shutil
-  shutil.copytree(REPO / 'cnn_jax', tmp_path / 'cnn_jax',
-                  ignore=shutil.ignore_patterns('__pycache__'))
-  (tmp_path / 'experiments').mkdir()
-  shutil.copy(REPO / 'experiments' / 'benchmark.py', tmp_path / 'experiments')
+  for package in ('cnn_jax', 'experiments'):
+    shutil.copytree(REPO / package, tmp_path / package,
+                    ignore=shutil.ignore_patterns('__pycache__', 'results'))
   with open(tmp_path / 'cnn_jax' / 'config.py', 'a') as f:
     f.write("\nraise SystemExit('error: imported the other checkout')\n")
   proc = subprocess.run(
-      [sys.executable, str(tmp_path / 'experiments' / 'benchmark.py'),
-       '--helpshort'], capture_output=True, text=True, timeout=120,
-      cwd=tmp_path)
+      [sys.executable, '-m', 'experiments.benchmark', '--helpshort'],
+      capture_output=True, text=True, timeout=120, cwd=tmp_path)
   assert proc.stderr.strip().splitlines()[-1] == (
       'error: imported the other checkout')
+
+
+@pytest.mark.parametrize('model', ['simple_cnn', 'deep_cnn', 'mlp'])
+def test_peers_are_built_from_the_models_own_layer_table(model):
+  """Layer for layer, the parameters of the stock model: nothing in the
+  peers is written per model."""
+  from cnn_jax import models, registry
+  from cnn_jax.config import Config
+  from experiments.benchmark import peers
+  ours = models.count_params(models.init_variables(
+      registry.create_model(Config(model=model), 10), jax.random.PRNGKey(0),
+      (28, 28, 1))['params'])
+  if importlib.util.find_spec('keras') is not None:
+    keras = peers.keras_model(model)
+    assert sum(math.prod(w.shape) for w in keras.trainable_weights) == ours
+  if importlib.util.find_spec('torch') is not None:
+    torch = peers.torch_model(model)
+    assert sum(p.numel() for p in torch.parameters()) == ours
+    names = [n for n, _ in torch.named_children()]
+    assert 'logits' in names and names[-1] == 'logits'
