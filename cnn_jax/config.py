@@ -123,9 +123,10 @@ class Config:
                        'averaged probabilities are the run\'s ensemble.')
 
   # Evaluation.
-  tta: int = _f(0, 'Test-time augmentation for eval-like modes: average '
-                'the probabilities of each image and this many copies '
-                'shifted by one pixel (0 = off, at most 8).')
+  tta: int = _f(0, 'Test-time augmentation: also score the test split '
+                'with the probabilities of each image and this many copies '
+                'shifted by one pixel averaged (0 = off, at most 8); in '
+                'training, eval and the other eval-like modes.')
   members: str = _f('', 'ensemble: comma-separated workdirs of trained runs '
                     '(any models, same dataset) whose best checkpoints are '
                     'combined into --workdir.')

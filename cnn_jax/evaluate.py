@@ -156,15 +156,16 @@ def test_run(config: Config, model: Any, info: input_pipeline.DatasetInfo,
              workdir: str, mesh: Any, training: results_lib.Training
              ) -> results_lib.Results:
   """A finished run's ``results.json``: its best variables (as the best
-  checkpoint holds them; no member axis for one network) on the test split.
-  ``model`` is the stock (forward) model."""
+  checkpoint holds them; no member axis for one network) on the test split,
+  also with ``config.tta`` shifted copies when set. ``model`` is the stock
+  (forward) model."""
   variables = best if config.num_models > 1 else inference.stack(best)
   run = inference.Restored(config, info, model, variables,
                            inference.networks_of(config, best_meta, workdir),
                            workdir)
   ensemble = inference.Ensemble([run], mesh)
-  scores = score(ensemble, test.images, test.labels)
+  scores = score(ensemble, test.images, test.labels, config.tta)
   return results_lib.Results(
       model=config.model, dataset=info.name, test_examples=len(test),
       members=member_results(ensemble, scores),
-      ensemble=ensemble_scores(scores), training=training)
+      ensemble=ensemble_scores(scores), training=training, tta=config.tta)

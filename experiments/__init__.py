@@ -1,1 +1,4 @@
-"""Experiments on cnn_jax: recipes, ablation studies, benchmarks; run as ``python -m experiments.NAME``."""
+"""Experiments on cnn_jax: recipes, ablation studies, benchmarks.
+
+Run from the checkout as ``python -m experiments.NAME``.
+"""

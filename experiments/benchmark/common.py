@@ -17,31 +17,40 @@ from absl import flags
 from cnn_jax import config as config_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list('models', ['simple_cnn', 'deep_cnn'], 'Models to time.')
-flags.DEFINE_integer('batch_size', 128, 'Training batch size (all frameworks).')
-flags.DEFINE_integer('steps', 20, 'Training steps per timed chunk.')
-flags.DEFINE_integer('warmup', 1, 'Untimed chunks after the compiling one.')
-flags.DEFINE_integer('repeats', 3, 'Timed chunks; the median is reported.')
-flags.DEFINE_integer('eval_examples', 4000, 'Images per timed evaluation.')
-flags.DEFINE_integer('eval_batch_size', 1000, 'Evaluation batch size.')
-flags.DEFINE_float('learning_rate', 1e-3, 'Adam learning rate.')
-flags.DEFINE_list('peers', ['keras', 'torch'],
-                  'Other frameworks to time (keras, torch); ones that are not '
-                  'installed are skipped.')
-flags.DEFINE_enum('kernels', 'auto', config_lib.KERNELS,
-                  'cnn_jax training layers (see cnn_jax/kernels).')
-flags.DEFINE_integer('num_models', 1, 'cnn_jax members trained at once '
-                     '(jax.vmap); img/s then counts every member\'s images.')
-flags.DEFINE_enum('dtype', 'float32', config_lib.DTYPES,
-                  'cnn_jax compute dtype.')
-flags.DEFINE_integer('host_devices', 0, 'If > 0, split the CPU into this many '
-                     'XLA host devices (data parallel over the Trainer mesh).')
-flags.DEFINE_bool('single_thread', True, 'XLA:CPU without its multi-threaded '
-                  'Eigen, one thread per device (the cnn_jax default, '
-                  'cnn_jax/runtime.py); --nosingle_thread lets XLA use it.')
-flags.DEFINE_string('xla_flags', '', 'Extra XLA_FLAGS for cnn_jax.')
-flags.DEFINE_bool('tiny', False, 'A few steps on small batches (for tests).')
-flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
+
+
+def define_flags() -> None:
+  """The flags every tool takes; each tool's module calls this once.
+
+  Not at import, so the peers can be imported beside cnn_jax's own flags.
+  """
+  flags.DEFINE_list('models', ['simple_cnn', 'deep_cnn'], 'Models to time.')
+  flags.DEFINE_integer('batch_size', 128,
+                       'Training batch size (all frameworks).')
+  flags.DEFINE_integer('steps', 20, 'Training steps per timed chunk.')
+  flags.DEFINE_integer('warmup', 1, 'Untimed chunks after the compiling one.')
+  flags.DEFINE_integer('repeats', 3, 'Timed chunks; the median is reported.')
+  flags.DEFINE_integer('eval_examples', 4000, 'Images per timed evaluation.')
+  flags.DEFINE_integer('eval_batch_size', 1000, 'Evaluation batch size.')
+  flags.DEFINE_float('learning_rate', 1e-3, 'Adam learning rate.')
+  flags.DEFINE_list('peers', ['keras', 'torch'],
+                    'Other frameworks to time (keras, torch); ones that are not '
+                    'installed are skipped.')
+  flags.DEFINE_enum('kernels', 'auto', config_lib.KERNELS,
+                    'cnn_jax training layers (see cnn_jax/kernels).')
+  flags.DEFINE_integer('num_models', 1, 'cnn_jax members trained at once '
+                       '(jax.vmap); img/s then counts every member\'s images.')
+  flags.DEFINE_enum('dtype', 'float32', config_lib.DTYPES,
+                    'cnn_jax compute dtype.')
+  flags.DEFINE_integer('host_devices', 0, 'If > 0, split the CPU into this many '
+                       'XLA host devices (data parallel over the Trainer mesh).')
+  flags.DEFINE_bool('single_thread', True, 'XLA:CPU without its multi-threaded '
+                    'Eigen, one thread per device (the cnn_jax default, '
+                    'cnn_jax/runtime.py); --nosingle_thread lets XLA use it.')
+  flags.DEFINE_string('xla_flags', '', 'Extra XLA_FLAGS for cnn_jax.')
+  flags.DEFINE_bool('tiny', False, 'A few steps on small batches (for tests).')
+  flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
+
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10

@@ -16,6 +16,8 @@ from absl import app
 from experiments.benchmark import common
 from experiments.benchmark.common import JaxRunner, synthetic_data, timed
 
+common.define_flags()
+
 
 def kernel_variants() -> dict[str, dict[str, Any]]:
   """Layer overrides by name: flax, cpu, and cpu without each kernel."""

@@ -23,6 +23,8 @@ from experiments.benchmark.common import (FLAGS, JaxRunner, installed,
 
 flags.DEFINE_integer('top_ops', 15, 'How many ops to list.')
 
+common.define_flags()
+
 
 def _hlo_sources(hlo_text: str) -> dict[str, tuple[str, str]]:
   """Instruction name -> (result shape, JAX op_name) of compiled HLO text."""

@@ -40,6 +40,8 @@ from experiments.benchmark.common import (JaxRunner, current_rss_mb,
                                           installed, peak_rss_mb,
                                           synthetic_data, timed)
 
+common.define_flags()
+
 
 def setup(cls: type, model_name: str, s: dict[str, Any], data: tuple
           ) -> tuple[Any, dict[str, Any]]:

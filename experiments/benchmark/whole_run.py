@@ -27,6 +27,8 @@ flags.DEFINE_string('tfds_data_dir', '', 'TFDS data dir (default: '
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 
+common.define_flags()
+
 
 def default_data_dir() -> str:
   for d in (FLAGS.tfds_data_dir, os.environ.get('TFDS_DATA_DIR', ''),

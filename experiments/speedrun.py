@@ -1,0 +1,187 @@
+r"""Time to accuracy: the recipes for each MNIST test-accuracy target, run as
+a user runs them, timed whole, over several seeds.
+
+  python -m experiments.speedrun                     # every target, a table
+  python -m experiments.speedrun --targets=99.0 --seeds=5 --json
+
+Each target has a recipe flagfile in ``experiments/configs/`` (`TARGETS`),
+chosen on the validation split only. For each recipe this runs one untimed
+command first (it fills the decoded-data and compilation caches, as any
+earlier run would have), then ``--seeds`` timed commands ``python -m
+cnn_jax.main --flagfile=RECIPE --seed=S --workdir=...`` (seeds ``k * K`` for
+a recipe of K members, so no two runs share a network), each timed from the
+start of the process to its exit. The test split is scored by those commands
+only, once each. The table gives the wall time (min and median), the
+recipe's test accuracy (mean and worst seed: the ensemble's averaged
+probabilities for a many-member recipe, with test-time augmentation when the
+recipe sets ``--tta``), and the training images seen.
+
+CPUs differ between machines: the table also prints Keras's and PyTorch's
+SimpleCNN training speed measured here and now
+(`experiments.benchmark.throughput`, in a subprocess), so figures from
+another machine can be scaled by it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+from absl import app, flags
+
+from cnn_jax import config_flags
+from cnn_jax import results as results_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, 'experiments', 'configs')
+# Target test accuracy (%) -> its recipe, the fastest found to reach it.
+TARGETS = {'99.0': 'target_99.flags', '99.5': 'target_99_5.flags',
+           '99.75': 'target_99_75.flags'}
+
+_TARGETS = flags.DEFINE_list('targets', list(TARGETS),
+                             'Targets to run (test accuracy, %).')
+_SEEDS = flags.DEFINE_integer('seeds', 3, 'Timed runs (seeds) per target.')
+_TFDS_DATA_DIR = flags.DEFINE_string(
+    'tfds_data_dir', os.environ.get('TFDS_DATA_DIR', ''),
+    'TFDS data dir for every run (default: $TFDS_DATA_DIR).')
+_OUT = flags.DEFINE_string('out', '', 'Keep the runs\' workdirs here '
+                           '(default: a temporary folder, removed).')
+_PEERS = flags.DEFINE_bool('peers', True, 'Also time Keras and PyTorch '
+                           'training SimpleCNN here (the scale of this CPU).')
+_JSON = flags.DEFINE_bool('json', False, 'Print one JSON object.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Timed:
+  """One timed command of a recipe."""
+
+  seed: int
+  wall_seconds: float
+  accuracy: float
+  images_seen: int
+
+
+def recipe_accuracy(results: results_lib.Results, tta: int) -> float:
+  """The figure a recipe is judged by: its ensemble's (with TTA when the
+  recipe asks for it), else its one network's."""
+  if results.ensemble is not None:
+    return (results.ensemble.tta_test_accuracy if tta
+            else results.ensemble.test_accuracy)
+  member = results.members[0]
+  return member.tta_test_accuracy if tta else member.test_accuracy
+
+
+def run_recipe(recipe: str, seed: int, workdir: str, data_dir: str
+               ) -> tuple[float, results_lib.Results]:
+  """Runs one whole command; (wall seconds, its results)."""
+  cmd = [sys.executable, '-m', 'cnn_jax.main', f'--flagfile={recipe}',
+         f'--seed={seed}', f'--workdir={workdir}']
+  if data_dir:
+    cmd.append(f'--tfds_data_dir={data_dir}')
+  t0 = time.perf_counter()
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+  wall = time.perf_counter() - t0
+  if proc.returncode != 0:
+    last = (proc.stderr.strip().splitlines() or ['(no output)'])[-1]
+    raise SystemExit(f'error: {os.path.basename(recipe)} --seed={seed} '
+                     f'failed: {last}')
+  with open(os.path.join(workdir, results_lib.FILE)) as f:
+    return wall, results_lib.from_json(json.load(f))
+
+
+def time_target(target: str, seeds: int, root: str, data_dir: str
+                ) -> dict[str, Any]:
+  """The target's recipe: one untimed warm-up, then ``seeds`` timed runs."""
+  recipe = os.path.join(CONFIGS, TARGETS[target])
+  config = config_flags.config_from_flagfile(recipe)
+  stride = config.num_models
+  run_recipe(recipe, 10_000, os.path.join(root, f'{target}_warmup'),
+             data_dir)
+  timed = []
+  for k in range(seeds):
+    seed = k * stride
+    wall, results = run_recipe(recipe, seed,
+                               os.path.join(root, f'{target}_seed{seed}'),
+                               data_dir)
+    steps = results.training.steps
+    timed.append(Timed(seed, wall, recipe_accuracy(results, config.tta),
+                       steps * config.batch_size * config.num_models))
+  accs = [t.accuracy for t in timed]
+  walls = [t.wall_seconds for t in timed]
+  return {'target': float(target), 'recipe': TARGETS[target],
+          'model': config.model, 'members': config.num_models,
+          'tta': config.tta, 'epochs': config.epochs,
+          'wall_seconds_min': min(walls),
+          'wall_seconds_median': statistics.median(walls),
+          'test_accuracy_mean': statistics.fmean(accs),
+          'test_accuracy_worst': min(accs),
+          'met': statistics.fmean(accs) >= float(target) / 100,
+          'images_seen': timed[0].images_seen,
+          'runs': [dataclasses.asdict(t) for t in timed]}
+
+
+def peer_speed() -> dict[str, float]:
+  """Keras's and PyTorch's SimpleCNN training img/s on this machine now."""
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.benchmark', '--json',
+       '--models=simple_cnn', '--repeats=3', '--host_devices=2'],
+      capture_output=True, text=True, cwd=REPO,
+      env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'})
+  if proc.returncode != 0:
+    return {}
+  simple = json.loads(proc.stdout)['simple_cnn']
+  out = {'cnn_jax': simple['train_img_per_s']}
+  for peer in ('keras', 'torch'):
+    if peer in simple:
+      out[peer] = simple[peer]['train_img_per_s']
+  return out
+
+
+def table(rows: Sequence[dict[str, Any]], peers: dict[str, float]) -> str:
+  """The targets as a Markdown table, then the machine's scale."""
+  lines = ['| target | recipe | wall time (min / median) | test accuracy '
+           '(mean / worst) | images seen | met |',
+           '|---|---|---:|---:|---:|---|']
+  for r in rows:
+    lines.append(
+        f'| {r["target"]:g}% | `{r["recipe"]}` | '
+        f'{r["wall_seconds_min"]:.1f} s / {r["wall_seconds_median"]:.1f} s | '
+        f'{100 * r["test_accuracy_mean"]:.2f}% / '
+        f'{100 * r["test_accuracy_worst"]:.2f}% | '
+        f'{r["images_seen"]:,} | {"yes" if r["met"] else "no"} |')
+  if peers:
+    lines.append('\nSimpleCNN training speed on this machine now: ' + ', '.join(
+        f'{k} {v:,.0f} img/s' for k, v in peers.items()))
+  return '\n'.join(lines)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  unknown = [t for t in _TARGETS.value if t not in TARGETS]
+  if unknown or _SEEDS.value < 1:
+    raise SystemExit(f'error: --targets takes {", ".join(TARGETS)} and '
+                     '--seeds a positive count')
+  root = _OUT.value or tempfile.mkdtemp(prefix='speedrun_')
+  try:
+    rows = [time_target(t, _SEEDS.value, root, _TFDS_DATA_DIR.value)
+            for t in _TARGETS.value]
+  finally:
+    if not _OUT.value:
+      shutil.rmtree(root, ignore_errors=True)
+  peers = peer_speed() if _PEERS.value else {}
+  if _JSON.value:
+    print(json.dumps({'targets': rows, 'peers_img_per_s': peers}, indent=1))
+  else:
+    print(table(rows, peers))
+
+
+if __name__ == '__main__':
+  app.run(main)
