@@ -8,8 +8,9 @@ image; both jit and vmap, and the parameters may be traced values, so one
 compiled program serves every severity (and random severities when used as
 training augmentation). `corrupt_images` corrupts a uint8 NHWC set on the
 device in fixed-size chunks, each image keyed by its index
-(`example_keys`), so image ``i`` comes out the same whatever the chunk size
-or subset.
+(`example_keys`), so image ``i`` gets the same random draws whatever the
+chunk size or subset (the pixels agree to within one grey level: XLA may
+round a differently shaped program differently).
 
 The kinds, each at the fixed severities 1-3 of `CORRUPTIONS` (MNIST-C:
 Mu and Gilmer, 2019, arXiv:1906.02337, has one severity each; ours add a
@@ -510,7 +511,8 @@ def corrupt_images(name: str, params: Params, images: np.ndarray | jax.Array,
                    chunk: int = 1000) -> jax.Array:
   """uint8 NHWC ``images`` corrupted by ``name`` with ``params``, as uint8
   (rounded, like a saved image). Image i is keyed by ``indices[i]``
-  (default i), so a subset comes out as it does within the whole set. Runs
+  (default i), so a subset gets the draws it gets within the whole set
+  (pixels equal to within one grey level of rounding). Runs
   jitted on the device, ``chunk`` images at a time: one compiled program
   per kind, image shape and chunk size, whatever the severity."""
   images = jnp.asarray(images)

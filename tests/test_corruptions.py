@@ -143,16 +143,20 @@ def test_corrupt_images_is_keyed_by_index_and_compiles_once_per_kind():
   whole = np.asarray(corruptions.corrupt_images(
       name, corruptions.params_of(name, 2), images, seed=3, chunk=4))
   assert whole.dtype == np.uint8 and whole.shape == images.shape
+  # Other chunks and subsets: the same draws, to one grey level of rounding.
   again = np.asarray(corruptions.corrupt_images(
       name, corruptions.params_of(name, 2), images, seed=3, chunk=10))
-  np.testing.assert_array_equal(whole, again)
+  np.testing.assert_allclose(again, whole, atol=1)
   part = np.asarray(corruptions.corrupt_images(
       name, corruptions.params_of(name, 2), images[[7, 2]], seed=3,
       indices=np.array([7, 2]), chunk=4))
-  np.testing.assert_array_equal(part, whole[[7, 2]])
+  np.testing.assert_allclose(part, whole[[7, 2]], atol=1)
   # As floats through `apply_each`, rounded like a saved image.
   floats = _run(name, images / 255.0, corruptions.params_of(name, 2), 3)
-  np.testing.assert_array_equal(np.round(floats * 255), whole)
+  np.testing.assert_allclose(np.round(floats * 255), whole, atol=1)
+  other = np.asarray(corruptions.corrupt_images(
+      name, corruptions.params_of(name, 2), images, seed=4, chunk=4))
+  assert np.abs(other.astype(int) - whole).max() > 50
   before = corruptions._corrupt_jit._cache_size()
   for severity in (1, 3):
     corruptions.corrupt_images(name, corruptions.params_of(name, severity),
