@@ -12,15 +12,18 @@ device in fixed-size chunks, each image keyed by its index
 chunk size or subset (the pixels agree to within one grey level: XLA may
 round a differently shaped program differently).
 
-The kinds, each at the fixed severities 1-3 of `CORRUPTIONS` (MNIST-C:
-Mu and Gilmer, 2019, arXiv:1906.02337, has one severity each; ours add a
-milder and a harsher level around it):
+The kinds: all 15 of MNIST-C (Mu and Gilmer, 2019, arXiv:1906.02337,
+which has one severity each), Gaussian noise, defocus blur and contrast
+from ImageNet-C, and stroke width; here each has the three fixed
+severities of `CORRUPTIONS` (edges one):
 
 ==============  ============================  ==================================
 kind            parameter: severity 1, 2, 3   what it does
 ==============  ============================  ==================================
 gaussian_noise  sigma: 0.1, 0.2, 0.3          add N(0, sigma) to every pixel
 shot_noise      photons: 60, 20, 8            Poisson(photons * x) / photons
+                                              (normal approximation above a
+                                              rate of 20)
 impulse_noise   amount: 0.05, 0.15, 0.3       that fraction of pixels -> 0 or 1
 defocus_blur    radius: 1, 1.5, 2             mean over an anti-aliased disc
 glass_blur      (sigma, delta, iterations):   blur, move pixels up to delta px
@@ -48,11 +51,11 @@ erode           radius: 0.5, 0.75, 1          thinner strokes: grey erosion
 Severity 0 (`identity` parameters) leaves an image unchanged for every kind
 but shot noise and edges, which have no such setting. Dilation and erosion
 work at twice the resolution (bilinear up, 2x2 mean down), so a radius of
-half a pixel is a real change. Left out of MNIST-C's and ImageNet-C's
-lists: inverted images (`--mode=predict` turns dark-on-light digits
-light-on-dark before the model sees them), JPEG (not an array operation),
-frost, snow and colour changes (textures and colour MNIST has no use for),
-and elastic distortion (a training augmentation, so no fair test).
+half a pixel is a real change. Left out: inverted images
+(`--mode=predict` turns dark-on-light digits light-on-dark before the
+model sees them), ImageNet-C's JPEG (not an array operation), frost, snow
+and colour changes (textures and colour MNIST has no use for), and
+elastic distortion (a training augmentation, so no fair test).
 """
 
 from __future__ import annotations

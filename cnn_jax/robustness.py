@@ -198,9 +198,87 @@ def build_json(info: input_pipeline.DatasetInfo, networks: Sequence[Any],
       'seconds': {k: round(v, 2) for k, v in seconds.items()}}
 
 
-def _mistakes(preds: dict[Predictor, np.ndarray], main: Predictor,
-              labels: np.ndarray, limit: int) -> np.ndarray:
-  return np.flatnonzero(preds[main] != labels)[:limit]
+@dataclasses.dataclass
+class _Scored:
+  """Every set's predictions, plus what the report shows of the sets."""
+
+  preds: dict[str, dict[Predictor, np.ndarray]]
+  examples: np.ndarray  # [kinds, 1 + severities, images, H, W, C]
+  mistakes: dict[str, list]
+  mistake_images: list[np.ndarray]
+  seconds: dict[str, float]
+
+
+def _score_sets(ensemble: inference.Ensemble, columns: Sequence[Predictor],
+                test: input_pipeline.Split, fonts: font_digits.FontDigits,
+                kinds: Sequence[str], options: Options, chunk: int
+                ) -> _Scored:
+  """Predicts the clean, font and corrupted sets, one corrupted set at a
+  time (made on the device, then scored in batches)."""
+  main = next(p for p in columns if p.role != 'member')
+  labels = test.labels
+  seconds = {'corrupt': 0.0, 'predict': 0.0}
+  preds: dict[str, dict[Predictor, np.ndarray]] = {}
+
+  def score(name: str, images: np.ndarray) -> None:
+    t = time.perf_counter()
+    preds[name] = _predict(ensemble, images, columns)
+    seconds['predict'] += time.perf_counter() - t
+
+  def wrong(name: str, truth: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(preds[name][main] != truth)[:options.mistakes]
+
+  score('clean', test.images)
+  score('fonts', fonts.images)
+  n_ex = min(EXAMPLE_IMAGES, len(test))
+  levels = max(len(corruptions_lib.get(k).severities) for k in kinds)
+  examples = np.zeros((len(kinds), levels + 1, n_ex, *test.images.shape[1:]),
+                      np.uint8)
+  mistakes: dict[str, list] = {'corruptions': [], 'fonts': []}
+  mistake_images: list[np.ndarray] = []
+  for k, kind in enumerate(kinds):
+    examples[k, 0] = test.images[:n_ex]
+    for s, params in enumerate(corruptions_lib.get(kind).severities, 1):
+      t = time.perf_counter()
+      images = np.asarray(corruptions_lib.corrupt_images(
+          kind, params, test.images, options.seed, chunk=chunk))
+      seconds['corrupt'] += time.perf_counter() - t
+      examples[k, s] = images[:n_ex]
+      name = f'{kind}/{s}'
+      score(name, images)
+      logging.info('robustness: %s severity %d: %.2f%%', kind, s,
+                   100 * float((preds[name][main] == labels).mean()))
+    for i in wrong(name, labels):  # At the kind's highest severity.
+      mistakes['corruptions'].append(
+          {'corruption': kind, 'severity': s, 'index': int(i),
+           'label': int(labels[i]), 'prediction': int(preds[name][main][i])})
+      mistake_images.append(images[i])
+  mistakes['fonts'] = [
+      {'index': int(i), 'label': int(fonts.labels[i]),
+       'prediction': int(preds['fonts'][main][i]),
+       'font': fonts.fonts[fonts.font_index[i]]}
+      for i in wrong('fonts', fonts.labels)]
+  return _Scored(preds, examples, mistakes, mistake_images, seconds)
+
+
+def _write(workdir: str, out: dict[str, Any], scored: _Scored,
+           fonts: font_digits.FontDigits) -> None:
+  font_wrong = [m['index'] for m in scored.mistakes['fonts']]
+  shape = (0, *scored.examples.shape[3:])
+  mistakes = (np.stack(scored.mistake_images) if scored.mistake_images
+              else np.zeros(shape, np.uint8))
+  try:
+    tmp = os.path.join(workdir, f'.{EXAMPLES_FILE}.tmp.npz')
+    np.savez_compressed(
+        tmp, examples=scored.examples, mistake_images=mistakes,
+        font_mistake_images=fonts.images[font_wrong].reshape(-1, *shape[1:]),
+        font_images=fonts.images[:FONT_IMAGES],
+        font_labels=fonts.labels[:FONT_IMAGES])
+    os.replace(tmp, os.path.join(workdir, EXAMPLES_FILE))
+    workdir_lib.write_json(os.path.join(workdir, FILE), out)
+  except OSError as e:
+    raise CnnJaxError(f'cannot write the robustness results into {workdir}: '
+                      f'{e.strerror or e}') from e
 
 
 def run(workdir: str, config: Config, options: Options = Options()
@@ -215,76 +293,26 @@ def run(workdir: str, config: Config, options: Options = Options()
   if len(info.image_shape) != 3 or info.image_shape[-1] != 1:
     raise CnnJaxError('robustness supports grayscale (HxWx1) datasets; '
                       f'{info.name!r} has images of shape {info.image_shape}')
-  seconds = {'corrupt': 0.0, 'predict': 0.0}
   t = time.perf_counter()
   fonts = font_digits.load(options.font_examples, options.seed,
                            options.font_dirs, tuple(info.image_shape[:2]),
                            config.cache_dir, config.cache)
-  seconds['fonts'] = time.perf_counter() - t
+  font_seconds = time.perf_counter() - t
   data = input_pipeline.load(config, splits=('test',))
   evaluate.check_compatible(info, data.info)
-  test = data.test
-  if not len(test):
+  if not len(data.test):
     raise CnnJaxError(f'the test split of {info.name!r} is empty')
   columns = predictors(ensemble, config.tta)
-  main = next(p for p in columns if p.role != 'member')
-  labels = test.labels
-
-  def score(name: str, images: Any) -> None:
-    t = time.perf_counter()
-    preds[name] = _predict(ensemble, images, columns)
-    seconds['predict'] += time.perf_counter() - t
-
-  preds: dict[str, dict[Predictor, np.ndarray]] = {}
-  score('clean', test.images)
-  score('fonts', fonts.images)
-  n_ex = min(EXAMPLE_IMAGES, len(test))
-  max_levels = max(len(corruptions_lib.get(k).severities) for k in kinds)
-  examples = np.zeros((len(kinds), max_levels + 1, n_ex,
-                       *info.image_shape), np.uint8)
-  params: dict[str, list[dict]] = {}
-  mistakes: dict[str, list] = {'corruptions': [], 'fonts': []}
-  mistake_images = []
-  for k, kind in enumerate(kinds):
-    levels = corruptions_lib.get(kind).severities
-    params[kind] = [dict(p) for p in levels]
-    examples[k, 0] = test.images[:n_ex]
-    for s, p in enumerate(levels, start=1):
-      t = time.perf_counter()
-      images = corruptions_lib.corrupt_images(
-          kind, p, test.images, options.seed, chunk=config.eval_batch_size)
-      images = np.asarray(images)
-      seconds['corrupt'] += time.perf_counter() - t
-      examples[k, s] = images[:n_ex]
-      score(f'{kind}/{s}', images)
-      logging.info('robustness: %s severity %d: %.2f%%', kind, s,
-                   100 * float((preds[f'{kind}/{s}'][main] == labels).mean()))
-    wrong = _mistakes(preds[f'{kind}/{len(levels)}'], main, labels,
-                      options.mistakes)
-    mistakes['corruptions'].extend(
-        {'corruption': kind, 'severity': len(levels), 'index': int(i),
-         'label': int(labels[i]),
-         'prediction': int(preds[f'{kind}/{len(levels)}'][main][i])}
-        for i in wrong)
-    mistake_images.extend(images[wrong])
-  wrong = _mistakes(preds['fonts'], main, fonts.labels, options.mistakes)
-  mistakes['fonts'] = [
-      {'index': int(i), 'label': int(fonts.labels[i]),
-       'prediction': int(preds['fonts'][main][i]),
-       'font': fonts.fonts[fonts.font_index[i]]} for i in wrong]
-  seconds['total'] = time.perf_counter() - started
-  out = build_json(info, ensemble.members, kinds, params, labels, fonts,
-                   preds, columns, mistakes, options.seed, config.tta,
-                   seconds)
-  shape = (0, *info.image_shape)
-  np.savez_compressed(
-      os.path.join(workdir, EXAMPLES_FILE), examples=examples,
-      mistake_images=(np.stack(mistake_images) if mistake_images
-                      else np.zeros(shape, np.uint8)),
-      font_mistake_images=fonts.images[wrong],
-      font_images=fonts.images[:FONT_IMAGES],
-      font_labels=fonts.labels[:FONT_IMAGES])
-  workdir_lib.write_json(os.path.join(workdir, FILE), out)
+  scored = _score_sets(ensemble, columns, data.test, fonts, kinds, options,
+                       config.eval_batch_size)
+  seconds = dict(scored.seconds, fonts=font_seconds,
+                 total=time.perf_counter() - started)
+  params = {k: [dict(p) for p in corruptions_lib.get(k).severities]
+            for k in kinds}
+  out = build_json(info, ensemble.members, kinds, params, data.test.labels,
+                   fonts, scored.preds, columns, scored.mistakes,
+                   options.seed, config.tta, seconds)
+  _write(workdir, out, scored, fonts)
   return out
 
 

@@ -56,7 +56,8 @@ def test_labels_fonts_and_images(font_dir):
   assert set(digits.font_index) <= set(range(len(DEJAVU)))
   assert len(set(digits.font_index)) > 1
   # MNIST-style: light digit on black, centred, a different picture each.
-  assert (digits.images[:, 0] == 0).all() and (digits.images[:, :, 0] == 0).all()
+  assert (digits.images[:, 0] == 0).all()
+  assert (digits.images[:, :, 0] == 0).all()
   assert digits.images.max((1, 2, 3)).min() > 200  # Full contrast.
   assert len({im.tobytes() for im in digits.images}) == 30
 

@@ -66,7 +66,8 @@ def test_report_shows_the_section(robust_run):
       'sections']
   assert doc.kinds == ['translate', 'canny_edges']
   for name in ('robustness_bars.png', 'robustness_examples.png',
-               'robustness_mistakes.png', 'robustness_font_mistakes.png'):
+               'robustness_mistakes.png', 'robustness_fonts.png',
+               'robustness_font_mistakes.png'):
     assert name in doc.images and name in summary['files']
     assert (pathlib.Path(workdir) / 'analysis' / name).stat().st_size > 0
   text = pathlib.Path(index).read_text()
@@ -99,7 +100,7 @@ def test_sentences_and_bars_compare_what_the_workdir_has(robust_run):
   own = result['results'][0]
   lines = robustness_section.sentences(result)
   assert robustness_section.captions.pct(own['clean_accuracy']) in lines[0]
-  assert f'Under 2 kinds of corruption' in lines[0]
+  assert 'Under 2 kinds of corruption' in lines[0]
   worst = min((a, k, s + 1) for k, v in own['corruption_accuracy'].items()
               for s, a in enumerate(v))
   assert lines[1].startswith(f'Hardest: {worst[1]} at severity {worst[2]}')

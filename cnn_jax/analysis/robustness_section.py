@@ -121,9 +121,9 @@ def severity_examples(result: dict[str, Any], examples: np.ndarray,
   return save(fig, path)
 
 
-def mistakes_figure(images: np.ndarray, titles: Sequence[str], heading: str,
-                    path: str, cols: int = 10) -> str:
-  """Images the predictor gets wrong, each titled with what it said."""
+def image_grid(images: np.ndarray, titles: Sequence[str], heading: str,
+               path: str, cols: int = 10, color: str = MISTAKE) -> str:
+  """Images with a title each (mistakes: what the predictor said)."""
   rows = max(1, math.ceil(len(images) / cols))
   fig = Figure(figsize=(1.25 * cols, 1.45 * rows + 0.5),
                constrained_layout=True)
@@ -132,7 +132,7 @@ def mistakes_figure(images: np.ndarray, titles: Sequence[str], heading: str,
     ax.axis('off')
   for ax, image, title in zip(axes, images, titles):
     show_image(ax, image)
-    ax.set_title(title, fontsize=6, color=MISTAKE)
+    ax.set_title(title, fontsize=6, color=color)
   fig.suptitle(heading if len(images) else f'{heading}: none')
   return save(fig, path)
 
@@ -240,15 +240,20 @@ def write(files: ReportFiles, workdir: str, class_names: Sequence[str]
       count[m['corruption']] = count.get(m['corruption'], 0) + 1
       if count[m['corruption']] <= MISTAKES_PER_KIND:
         shown.append(i)
-    files.add(SECTION, mistakes_figure(
+    files.add(SECTION, image_grid(
         images['mistake_images'][shown],
         [f'{kept[i]["corruption"]} {kept[i]["severity"]}\n'
          f'true {names[kept[i]["label"]]} said {names[kept[i]["prediction"]]}'
          for i in shown],
         'corrupted test images it gets wrong (highest severity)',
         files.path('robustness_mistakes.png')))
+    files.add(SECTION, image_grid(
+        images['font_images'], [f'label {names[y]}'
+                                for y in images['font_labels']],
+        'font-rendered digits as the model sees them (preprocessed like '
+        '--mode=predict)', files.path('robustness_fonts.png'), color='black'))
     fonts = result['mistakes']['fonts'][:FONT_MISTAKES]
-    files.add(SECTION, mistakes_figure(
+    files.add(SECTION, image_grid(
         images['font_mistake_images'][:len(fonts)],
         [f'{m["font"].split(" (")[0][:18]}\ntrue {names[m["label"]]} said '
          f'{names[m["prediction"]]}' for m in fonts],

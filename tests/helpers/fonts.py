@@ -8,7 +8,8 @@ import shutil
 
 import matplotlib
 
-MPL_TTF = pathlib.Path(matplotlib.__file__).parent / 'mpl-data' / 'fonts' / 'ttf'
+MPL_TTF = (pathlib.Path(matplotlib.__file__).parent / 'mpl-data' / 'fonts'
+           / 'ttf')
 DEJAVU = ('DejaVuSans.ttf', 'DejaVuSerif-Bold.ttf', 'DejaVuSansMono.ttf',
           'DejaVuSans-Oblique.ttf')
 
