@@ -91,7 +91,7 @@ def bars(result: dict[str, Any], path: str) -> str:
   ax.set_xlim(0, 100)
   ax.set_xlabel('accuracy (%), corruptions: mean over severities')
   ax.grid(axis='x', alpha=0.3)
-  ax.legend(loc='lower left', fontsize=8)
+  ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), fontsize=8)
   ax.set_title('accuracy on clean, corrupted and font-rendered digits')
   return save(fig, path)
 
