@@ -24,8 +24,8 @@ The picture is saved as 8-bit grayscale PNG bytes, read back with
 Fonts come from ``/usr/share/fonts`` (or the given folders): every
 TrueType/OpenType file that maps 0-9, A-Z and a-z (fonts for Latin text,
 not a script's or a symbol font) with ten different digit glyphs, once
-per full name, without symbol, dingbat, key-cap and drop-cap faces
-(`EXCLUDED`). ``.ci/font-packages.txt``
+per full name, without symbol, dingbat, key-cap, drop-cap and hatched
+outline faces (`EXCLUDED`). ``.ci/font-packages.txt``
 lists the Debian packages CI installs. The set is kept in the cnn_jax cache
 (``<cache dir>/fonts/``), keyed on the seed, the size, the fonts (names and
 file contents), the Pillow, FreeType and NumPy versions and the code that
@@ -53,7 +53,8 @@ from cnn_jax.config import CnnJaxError
 FORMAT = 1  # Bump when the rendering or the file layout changes.
 DEFAULT_FONT_DIRS = ('/usr/share/fonts',)
 FONT_SUFFIXES = ('.ttf', '.otf')
-# Faces whose code points 0-9 are not plain digits.
+# Faces whose code points 0-9 are not plain digits: symbols, dingbats, key
+# caps, drop caps, and Femkeklaver's hatched outlines.
 EXCLUDED = re.compile(r'symbol|dingbat|D050000L|keyboard|initials|klaver',
                       re.IGNORECASE)
 REQUIRED = string.digits + string.ascii_letters
