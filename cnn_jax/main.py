@@ -8,6 +8,8 @@ Modes:
   predict  classify image files given as arguments.
   export   write a serving artifact of the best params.
   ensemble combine trained runs (--members=RUN1,RUN2,...) into --workdir.
+  robustness  accuracy of --workdir on corrupted test images and on digits
+           rendered from fonts, in workdir/robustness.json.
 
 Flags are parsed here only and turned into a `Config`; for eval/analyze/
 predict/export the workdir's saved config is used, with data-location and
@@ -28,7 +30,8 @@ from absl import app, flags, logging
 from cnn_jax import config_flags, phases, runtime
 from cnn_jax.config import Config, CnnJaxError, EVAL_OVERRIDE_FIELDS
 
-MODES = ('train', 'eval', 'analyze', 'predict', 'export', 'ensemble')
+MODES = ('train', 'eval', 'analyze', 'predict', 'export', 'ensemble',
+         'robustness')
 
 _MODE = flags.DEFINE_string('mode', 'train', f'One of: {", ".join(MODES)}.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: config, '
@@ -63,6 +66,18 @@ _SAVE_PREPROCESSED = flags.DEFINE_string(
     'save_preprocessed', None,
     'predict: folder for PNGs of each preprocessed input beside its '
     'prediction.')
+_ROBUSTNESS_SEED = flags.DEFINE_integer(
+    'robustness_seed', 0, 'robustness: seed of the corruptions and of the '
+    'font-rendered digits.')
+_FONT_EXAMPLES = flags.DEFINE_integer(
+    'font_examples', 2000, 'robustness: how many font-rendered digits to '
+    'test (labels 0-9 in turn).')
+_FONT_DIRS = flags.DEFINE_list(
+    'font_dirs', [], 'robustness: folders searched for .ttf/.otf fonts '
+    '(default /usr/share/fonts).')
+_CORRUPTIONS = flags.DEFINE_list(
+    'corruptions', [], 'robustness: the corruption kinds to test (default '
+    'all; see cnn_jax/corruptions.py).')
 config_flags.define_config_flags()
 FLAGS = flags.FLAGS
 
@@ -140,6 +155,15 @@ def run(argv: Sequence[str], hooks: Sequence[Any] = ()) -> int:
     path = report.analyze(config, workdir, examples=examples,
                           compare=_COMPARE.value)
     print(f'analysis written: {path}')
+    return 0
+  if mode == 'robustness':
+    from cnn_jax import robustness
+    result = robustness.run(workdir, config, robustness.Options(
+        seed=_ROBUSTNESS_SEED.value, font_examples=_FONT_EXAMPLES.value,
+        font_dirs=tuple(_FONT_DIRS.value),
+        corruptions=tuple(_CORRUPTIONS.value)))
+    print(robustness.format_table(result))
+    print(f'robustness written: {os.path.join(workdir, robustness.FILE)}')
     return 0
   if mode == 'predict':
     from cnn_jax import predict

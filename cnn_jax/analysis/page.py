@@ -38,10 +38,11 @@ def write(path: str, context: dict[str, Any]) -> None:
     f.write(render(context))
 
 
-def section_ids(has_compare: bool, has_members: bool = False
-                ) -> Sequence[str]:
+def section_ids(has_compare: bool, has_members: bool = False,
+                has_robustness: bool = False) -> Sequence[str]:
   """The ids of the page's sections, top to bottom."""
   ids = ['summary', 'data', 'architecture', 'filter-to-decision',
          'early-vs-deep', 'training', 'results', 'mistakes']
   return (ids + (['ensemble'] if has_members else [])
+          + (['robustness'] if has_robustness else [])
           + (['compare'] if has_compare else []) + ['reference'])

@@ -29,7 +29,8 @@ from cnn_jax import evaluate as evaluate_lib
 from cnn_jax import inference, input_pipeline, registry
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.analysis import (captions, compare as compare_lib, evaluation,
-                              internals, members, metrics, page, plots)
+                              internals, members, metrics, page, plots,
+                              robustness_section)
 from cnn_jax.analysis.files import ReportFiles, clean_previous
 from cnn_jax.config import Config, CnnJaxError
 
@@ -165,6 +166,7 @@ def analyze(config: Config, workdir: str,
   networks = ens.networks
   ensemble = (members.write(files, test.images, test.labels, member_probs,
                             networks, names) if len(networks) > 1 else None)
+  robust = robustness_section.write(files, workdir, names)
   history = workdir_lib.read_history(first.run.workdir)
   best_epoch = int(first.network.best_epoch or -1)
   files.add('training', plots.history(history, files.path('history.png'),
@@ -194,7 +196,8 @@ def analyze(config: Config, workdir: str,
       'feature_map_layers': inside['feature_map_layers'],
       'examples': examples,
       'sections': list(page.section_ids(compared is not None,
-                                        ensemble is not None)),
+                                        ensemble is not None,
+                                        robust is not None)),
       'compare': compare,
   }
   dropout = sorted({s.rate for s in arch.stages
@@ -234,6 +237,7 @@ def analyze(config: Config, workdir: str,
                    'figures': files.figures('mistakes')},
       'compare': compared,
       'ensemble': ensemble,
+      'robustness': robust,
       'findings': findings_link(),
       'reference': {
           'per_class_rows': evaluated['per_class_rows'],
