@@ -108,7 +108,7 @@ def test_single_run(trained_simple, fonts, tmp_path):
   _check_row(row, expected)
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
     assert row['clean_accuracy'] == pytest.approx(
-        evaluate.evaluate_workdir(workdir, config)['test_accuracy'])
+        evaluate.evaluate_workdir(workdir, config).accuracy)
   assert out['summary'] == {k: row[k] for k in (
       'clean_accuracy', 'mean_corruption_accuracy', 'mean_corruption_error',
       'font_accuracy')}
@@ -153,7 +153,7 @@ def test_single_run_with_tta(trained_simple, fonts, tmp_path):
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
     scores = evaluate.evaluate_workdir(workdir, config)
   assert out['results'][1]['clean_accuracy'] == pytest.approx(
-      scores['tta_test_accuracy'])
+      scores.members[0].tta_test_accuracy)
   assert out['summary']['tta_mean_corruption_accuracy'] == (
       out['results'][1]['mean_corruption_accuracy'])
   assert 'net+tta2' in robustness.format_table(out)
@@ -180,9 +180,10 @@ def test_k_member_run(trained_members, fonts, tmp_path):
   _check_row(rows[2], expected)
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
     scores = evaluate.evaluate_workdir(workdir, config)
-  assert rows[2]['clean_accuracy'] == pytest.approx(scores['test_accuracy'])
+  assert rows[2]['clean_accuracy'] == pytest.approx(
+      scores.ensemble.test_accuracy)
   assert out['summary']['member_clean_accuracy'] == pytest.approx(
-      scores['member_test_accuracy'])
+      scores.member_accuracies)
   assert out['summary']['clean_accuracy'] == rows[2]['clean_accuracy']
   table = robustness.format_table(out)
   assert 'm1' in table and 'm2' in table and 'ens' in table
