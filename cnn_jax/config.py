@@ -77,6 +77,21 @@ class Config:
   aug_max_shift: float = _f(2.0, 'Augmentation: max translation in pixels.')
   aug_max_rotation: float = _f(10.0, 'Augmentation: max rotation in degrees.')
   aug_max_scale: float = _f(0.1, 'Augmentation: max relative zoom in/out.')
+  aug_elastic: float = _f(0.0, 'Elastic distortion: a smooth random '
+                          'displacement field of up to this many pixels '
+                          '(0 = off; with or without --augment).')
+  aug_elastic_sigma: float = _f(4.0, 'Elastic distortion: the smoothness '
+                                '(Gaussian sigma, pixels) of its field.')
+  aug_thickness: float = _f(0.0, 'Stroke width: thicker or thinner by up to '
+                            'this fraction of a 3x3 grey dilation/erosion '
+                            '(0 = off, 1 = a pixel of ink each side).')
+  aug_blur: float = _f(0.0, 'Gaussian blur of sigma up to this many pixels '
+                       '(0 = off).')
+  aug_noise: float = _f(0.0, 'Gaussian pixel noise of standard deviation up '
+                        'to this, on [0, 1] images (0 = off).')
+  aug_erase: float = _f(0.0, 'Random erasing: the probability that a '
+                        'rectangle of 2-20% of an image is set to the '
+                        'background (0 = off).')
 
   # Model.
   model: str = _f('simple_cnn', 'Model from the registry '
@@ -205,12 +220,13 @@ def validate(config: Config) -> Config:
   for name in ('val_examples', 'train_examples', 'test_examples',
                'checkpoint_every_steps', 'warmup_epochs',
                'weight_decay', 'grad_clip_norm', 'aug_max_shift',
-               'aug_max_rotation'):
+               'aug_max_rotation', 'aug_elastic', 'aug_blur', 'aug_noise'):
     v = getattr(config, name)
     if not (v >= 0 and math.isfinite(v)):
       bad(f'--{name} must be >= 0, got {v}')
   for name in ('label_smoothing', 'momentum', 'adam_b1',
-               'adam_b2', 'aug_max_scale'):  # A zoom of 1 could flip.
+               'adam_b2', 'aug_max_scale',  # A zoom of 1 could flip.
+               'aug_erase'):
     v = getattr(config, name)
     if not 0 <= v < 1:
       bad(f'--{name} must be in [0, 1), got {v}')
@@ -218,9 +234,17 @@ def validate(config: Config) -> Config:
       'cosine', 'onecycle'):
     bad(f'--warmup_epochs ({config.warmup_epochs}) must be less than --epochs '
         f'({config.epochs})')
-  if config.permute_pixels and config.augment:
-    bad('--augment shifts and rotates images, which means nothing once '
-        '--permute_pixels has scattered the pixels; use --noaugment')
+  if not 0 <= config.aug_thickness <= 1:
+    bad(f'--aug_thickness must be in [0, 1], got {config.aug_thickness}')
+  if not (config.aug_elastic_sigma > 0
+          and math.isfinite(config.aug_elastic_sigma)):
+    bad('--aug_elastic_sigma must be a positive number, got '
+        f'{config.aug_elastic_sigma}')
+  spatial = [f for f in ('augment', 'aug_elastic', 'aug_thickness',
+                         'aug_blur', 'aug_erase') if getattr(config, f)]
+  if config.permute_pixels and spatial:
+    bad(f'--{spatial[0]} acts on neighbouring pixels, which means nothing '
+        'once --permute_pixels has scattered them; turn it off')
   if not 0 <= config.tta <= 8:
     bad(f'--tta must be between 0 and 8 (shifted copies), got {config.tta}')
   if not config.dataset.strip():

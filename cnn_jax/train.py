@@ -119,9 +119,9 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
   step_key = jax.random.fold_in(state.key, state.step)
   aug_key, dropout_key = jax.random.split(step_key)
   x = input_pipeline.normalize(images)
-  if config.augment:
-    x = augment.random_affine(aug_key, x, config.aug_max_shift,
-                              config.aug_max_rotation, config.aug_max_scale)
+  aug = augment.Augmentation.from_config(config)
+  if aug.active:
+    x = augment.apply(aug_key, x, aug)
 
   def loss_fn(params):
     variables = {'params': params}

@@ -10,6 +10,9 @@ and appends one JSON row to ``--out``: the settings, the seed, validation
 accuracy and loss, training seconds. Rows already in ``--out`` are skipped,
 so re-running the command resumes a sweep. One process: the data is read
 once (from the cnn_jax data cache) and programs compile once per setting.
+With ``--val_corruptions=N`` each row also has the mean accuracy of the
+first N validation images under every corruption of `cnn_jax.corruptions`
+(robustness chosen without the test split or the font set).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from typing import Any
 
 from absl import app, flags, logging
+import numpy as np
 
 from cnn_jax import config_flags, runtime
 from cnn_jax.config import Config
@@ -31,6 +35,13 @@ _GRID = flags.DEFINE_multi_string(
 _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds of every setting.')
 _OUT = flags.DEFINE_string('out', None, 'JSON-lines file of results.',
                            required=True)
+_VAL_CORRUPTIONS = flags.DEFINE_integer(
+    'val_corruptions', 0, 'Also score the first N validation images under '
+    'every corruption of cnn_jax.corruptions (seed VAL_CORRUPTION_SEED): '
+    'robustness chosen on validation images, never on the test split or '
+    'the font set (0 = off).')
+# Not robustness.py's default test seed: other draws on other images.
+VAL_CORRUPTION_SEED = 1
 config_flags.define_config_flags()
 FLAGS = flags.FLAGS
 _TYPES = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -65,10 +76,22 @@ def validate_run(config: Config, data: Any) -> dict[str, float]:
       # can deadlock XLA:CPU's all-reduce between host devices.
       jax.block_until_ready(metrics)
   seconds = time.perf_counter() - t0
-  val, = run.trainer.evaluate(train.variables_of(state), data.val.images,
-                              data.val.labels)
-  return {'val_accuracy': val['accuracy'], 'val_loss': val['loss'],
-          'train_seconds': seconds}
+  variables = train.variables_of(state)
+  predictor = run.trainer.predictor
+  val, = run.trainer.evaluate(variables, data.val.images, data.val.labels)
+  row = {'val_accuracy': val['accuracy'], 'val_loss': val['loss'],
+         'train_seconds': seconds}
+  if _VAL_CORRUPTIONS.value:
+    from cnn_jax import robustness
+    n = _VAL_CORRUPTIONS.value
+    scores = robustness.corrupted_accuracy(
+        lambda x: np.asarray(predictor.logits(variables, x)).argmax(-1),
+        data.val.images[:n], data.val.labels[:n], VAL_CORRUPTION_SEED,
+        chunk=config.eval_batch_size)
+    row.update(val_mean_corruption_accuracy=scores[
+        'mean_corruption_accuracy'], val_corruption_accuracy=scores[
+            'corruption_accuracy'])
+  return row
 
 
 def main(argv: list[str]) -> None:
@@ -89,8 +112,11 @@ def main(argv: list[str]) -> None:
         continue
       config = base.replace(seed=seed, **settings)
       row = {'settings': settings, 'seed': seed, **validate_run(config, data)}
-      logging.info('%s seed %d: val acc %.2f%% loss %.4f (%.1fs)', settings,
-                   seed, 100 * row['val_accuracy'], row['val_loss'],
+      logging.info('%s seed %d: val acc %.2f%% loss %.4f%s (%.1fs)',
+                   settings, seed, 100 * row['val_accuracy'], row['val_loss'],
+                   '; corrupted val acc %.2f%%' % (
+                       100 * row['val_mean_corruption_accuracy'])
+                   if 'val_mean_corruption_accuracy' in row else '',
                    row['train_seconds'])
       with open(_OUT.value, 'a') as f:
         f.write(json.dumps(row) + '\n')

@@ -161,3 +161,85 @@ def test_each_flag_reaches_the_warp(flag, value):
   np.testing.assert_allclose(plain, np.asarray(images) / 255.0, atol=1e-5)
   _, _, (warped,) = _model_inputs(Config(**{**base, flag: value}), (0,))
   assert not np.allclose(warped, plain, atol=1e-3)
+
+
+def _digit() -> jax.Array:
+  """N copies of a 2-pixel-wide bar, like a stroke of a 1."""
+  x = np.zeros((N, 28, 28, 1), np.float32)
+  x[:, 6:22, 13:15] = 1.0
+  return jnp.asarray(x)
+
+
+def _aug(images: jax.Array, seed: int = 0, **kw) -> np.ndarray:
+  return np.asarray(augment.apply(jax.random.PRNGKey(seed), images,
+                                  augment.Augmentation(**kw)))
+
+
+def test_robustness_augmentations_keep_shape_range_and_are_seeded():
+  x = _digit()
+  kw = dict(elastic=2.0, thickness=1.0, blur=1.0, noise=0.1, erase=0.5)
+  out = _aug(x, **kw)
+  assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+  np.testing.assert_array_equal(out, _aug(x, **kw))
+  assert not np.array_equal(out, _aug(x, seed=1, **kw))
+  # Each image its own draw.
+  assert len({out[i].tobytes() for i in range(N)}) == N
+  # All off: the images as they were.
+  np.testing.assert_array_equal(_aug(x), np.asarray(x))
+
+
+def test_thickness_makes_strokes_thicker_and_thinner_within_a_pixel():
+  x = _digit()
+  ink = _aug(x, thickness=1.0).sum((1, 2, 3))
+  base = float(np.asarray(x[0]).sum())  # 32 pixels of ink.
+  assert ink.max() > base * 1.5 and ink.min() < base * 0.6
+  # A whole step adds at most one pixel each side: a bar 2 wide -> 4 wide
+  # plus the two ends (16 rows x 2 + 2 x 2), or thins it to nothing.
+  assert ink.max() <= base + 2 * 16 + 2 * 2 + 1e-3 and ink.min() >= 0
+
+
+def test_elastic_distortion_is_smooth_and_bounded():
+  x = _digit()
+  warped = _aug(x, elastic=3.0, elastic_sigma=4.0)
+  d = _offsets(jnp.asarray(warped)) - _offsets(x)
+  assert np.abs(d).max() <= 3.0 + 0.1  # Never further than alpha.
+  assert np.abs(d).max() > 0.3  # But it moves.
+  # A smooth field stretches the stroke a little, never tears it apart.
+  ink = warped.sum((1, 2, 3)) / float(np.asarray(x[0]).sum())
+  assert (ink > 0.6).all() and (ink < 1.4).all()
+
+
+def test_blur_and_noise_and_erasing_do_what_they_say():
+  x = _digit()
+  blurred = _aug(x, blur=1.5)
+  peaks = blurred.max((1, 2, 3))
+  np.testing.assert_allclose(blurred.sum((1, 2, 3)), 32.0, rtol=0.02)
+  assert (peaks <= 1.0).all() and (peaks < 1).any()  # Spread, ink kept.
+  noisy = _aug(jnp.full((N, 28, 28, 1), 0.5), noise=0.2)
+  stds = noisy.reshape(N, -1).std(1)
+  assert stds.max() <= 0.2 * 1.15 and stds.max() > 0.12
+  erased = _aug(jnp.ones((N, 28, 28, 1)), erase=0.5)
+  frac = 1 - erased.reshape(N, -1).mean(1)
+  hit = frac > 0
+  assert 0.2 < hit.mean() < 0.8  # About half the images.
+  assert (frac[hit] >= 0.01).all() and (frac[hit] <= 0.25).all()
+
+
+def test_augment_alone_draws_as_before_the_robustness_options():
+  """`--augment` by itself: the same warp `random_affine` draws, so
+  recipes trained before these options reproduce."""
+  x = _blobs(dx=4.0)
+  key = jax.random.PRNGKey(5)
+  np.testing.assert_array_equal(
+      augment.apply(key, x, augment.Augmentation(True, 3.0, 15.0, 0.15)),
+      augment.random_affine(key, x, 3.0, 15.0, 0.15))
+
+
+@pytest.mark.parametrize('flag,value', [('aug_elastic', 2.0),
+                                        ('aug_thickness', 0.8),
+                                        ('aug_blur', 1.0), ('aug_noise', 0.1),
+                                        ('aug_erase', 0.9)])
+def test_each_robustness_flag_reaches_the_train_step(flag, value):
+  images, _, (plain,) = _model_inputs(Config(), (0,))
+  _, _, (changed,) = _model_inputs(Config(**{flag: value}), (0,))
+  assert not np.allclose(changed, plain, atol=1e-3), flag

@@ -238,3 +238,26 @@ def test_command_line(trained_simple, fonts, tmp_path):
       f'robustness written: {os.path.join(workdir, robustness.FILE)}')
   assert json.loads(pathlib.Path(workdir, robustness.FILE).read_text())[
       'font_set']['examples'] == 10
+
+
+def test_corrupted_accuracy_scores_every_kind_and_severity():
+  """The validation-side score recipes are chosen by: every kind at each
+  severity, the mean of the kinds' means, deterministic by seed."""
+  from cnn_jax import corruptions
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8)
+  labels = (images.mean((1, 2, 3)) > 127).astype(np.int32)
+  predict = lambda x: (np.asarray(x).mean((1, 2, 3)) > 127).astype(np.int32)
+  kinds = ('brightness', 'erode', 'canny_edges')
+  out = robustness.corrupted_accuracy(predict, images, labels, seed=1,
+                                      kinds=kinds, chunk=16)
+  assert out['clean_accuracy'] == 1.0
+  assert {k: len(v) for k, v in out['corruption_accuracy'].items()} == {
+      k: len(corruptions.get(k).severities) for k in kinds}
+  assert out['mean_corruption_accuracy'] == pytest.approx(np.mean(
+      [np.mean(v) for v in out['corruption_accuracy'].values()]))
+  # Brighter images: the mean-brightness rule calls more of them bright.
+  assert out['corruption_accuracy']['brightness'][-1] < 1.0
+  again = robustness.corrupted_accuracy(predict, images, labels, seed=1,
+                                        kinds=kinds, chunk=16)
+  assert again == out
