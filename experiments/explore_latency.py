@@ -247,11 +247,11 @@ def handler_times(workdir: str, compare: str | None, strokes: int
   shapes = list(DIGITS.values())
   uris = [_canvas_png(shapes[i % len(shapes)]) for i in range(strokes)]
   extra = [0] * len(explorer.runs) + [0, 0, 9, 9, 0]
-  page.on_draw(uris[0], *extra)  # First call: lazy imports, caches.
+  page.on_draw(uris[0], None, *extra)  # First call: lazy imports.
   times = []
   for uri in uris:
     t = time.perf_counter()
-    page.on_draw(uri, *extra)
+    page.on_draw(uri, None, *extra)
     times.append(time.perf_counter() - t)
   return {'startup_s': round(startup, 2), **_summary(times)}
 

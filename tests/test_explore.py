@@ -158,9 +158,14 @@ def test_k_member_run_panels(two_members, seven):
   assert not np.allclose(probs[0], probs[1])  # Two different seeds.
 
 
-def test_ensemble_workdir_panels(ensemble_dir, trained_simple, trained_deep,
+@pytest.fixture(scope='module')
+def ensemble_nets(ensemble_dir) -> networks_lib.Networks:
+  return networks_lib.load(ensemble_dir)
+
+
+def test_ensemble_workdir_panels(ensemble_dir, ensemble_nets, trained_deep,
                                  seven):
-  nets = networks_lib.load(ensemble_dir)
+  nets = ensemble_nets
   assert [n.model for n in nets.networks] == ['simple_cnn', 'deep_cnn']
   assert [s.name for s in nets.stages(0)][0] == 'conv1'
   deep = {s.name: s.kind for s in nets.stages(1)}
@@ -338,3 +343,55 @@ def test_port_in_use_and_bad_workdirs_fail_before_serving(tmp_path,
     networks_lib.load(str(tmp_path / 'missing'))
   with pytest.raises(CnnJaxError, match='no run found'):
     networks_lib.load(str(tmp_path))
+
+
+def test_page_files_ship_as_package_data():
+  """A non-editable install carries the template, canvas and style."""
+  import fnmatch
+  import pathlib
+  import tomllib
+  from conftest import REPO
+  with open(REPO / 'pyproject.toml', 'rb') as f:
+    patterns = tomllib.load(f)['tool']['setuptools']['package-data'][
+        'cnn_jax.explore']
+  root = REPO / 'cnn_jax' / 'explore'
+  files = [str(p.relative_to(root)) for d in ('templates', 'static')
+           for p in (root / d).iterdir() if p.is_file()]
+  assert {pathlib.Path(f).name for f in files} >= {
+      'panels.html.j2', 'canvas.html', 'canvas.js', 'inside.js',
+      'explore.css'}
+  for name in files:
+    assert any(fnmatch.fnmatch(name, p) for p in patterns), name
+
+
+def test_page_handlers(ensemble_nets, simple, seven):
+  """The events' handlers, without a browser: a drawing, a pick that stays
+  across strokes, another network, a what-if move, a bad upload."""
+  pytest.importorskip('gradio')  # The browser tests fail without it in CI.
+  from cnn_jax.explore import app
+  import gradio as gr
+  handlers = app.Page(panels.Explorer([ensemble_nets, simple]),
+                      ['both', 'simple'], 'test')
+  uri = panels.DRAWING_PREFIX + base64.b64encode(_png(draw_seven())).decode()
+  moves = [0, 0, 9, 9, 0]
+  out = handlers.on_draw(uri, None, 0, 0, *moves)
+  assert len(out) == 2 + 5 * 2 + 2
+  assert 'Showing your drawing (220×300 pixels)' in out[0]
+  assert all('data-update="1"' in out[i] for i in (1, 3, 4, 5, 6, 12))
+  label, state = out[2], out[-1]
+  assert list(label) == [str(i) for i in range(10)]
+  np.testing.assert_array_equal(state['image'], seven)
+  assert 'data-stage="conv1"' in out[6]  # Channel: first stage, channel 0.
+  pick = gr.EventData(None, {'stage': 'pool1', 'channel': 3})
+  channel, state = handlers.on_pick(state, 0, 0, pick)
+  assert 'data-stage="pool1"' in channel and 'data-channel="3"' in channel
+  out = handlers.on_draw(uri, state, 0, 0, *moves)
+  assert 'data-stage="pool1"' in out[6] and 'data-update="2"' in out[6]
+  why, inside, _ = handlers.on_network(state, 1, 0)  # The DeepCNN member.
+  assert 'data-stage="bn1_1"' in inside and 'alone' in why
+  assert '5×5 square' in handlers.on_what_if(state, 0, 0, 3, 3, 5)
+  bad = handlers.on_upload(b'not an image', state, 0, 0, *moves)
+  assert 'not an image' in bad[0] and 'error' in bad[0]
+  assert len(bad) == len(out)
+  assert all(isinstance(o, dict) and o.get('__type__') == 'update'
+             for o in bad[1:])

@@ -18,6 +18,7 @@ line and change nothing else.
 
 from __future__ import annotations
 
+import html
 import itertools
 import logging
 import threading
@@ -51,14 +52,15 @@ class Canvas(gr.HTML):
     return {'type': 'string', 'description': 'a PNG data: URI'}
 
 
-def stamp(html: str, update: int) -> str:
-  """``html`` in a wrapper that carries the update's number, so a page
+def stamp(markup: str, update: int) -> str:
+  """``markup`` in a wrapper that carries the update's number, so a page
   (or a test) can tell an updated panel from one left as it was."""
-  return f'<div class="update" data-update="{update}">{html}</div>'
+  return f'<div class="update" data-update="{update}">{markup}</div>'
 
 
 def _empty(text: str) -> str:
-  return f'<div class="panel empty"><p class="caption">{text}</p></div>'
+  return ('<div class="panel empty"><p class="caption">'
+          f'{html.escape(text)}</p></div>')
 
 
 class Page:
@@ -73,9 +75,18 @@ class Page:
     self._updates = itertools.count(1)
 
   # Handlers ----------------------------------------------------------------
+  # The session's state: {'image': the model input or None, 'picks': {run:
+  # (stage, channel) shown beside its filter}}.
+  @property
+  def _num_outputs(self) -> int:
+    """Outputs of the input events: message, steps, five per workdir,
+    what-if, state."""
+    return 2 + 5 * len(self.explorer.runs) + 2
+
   def _outputs_for(self, image: np.ndarray | None, steps_html: str,
                    message: str, kind: str, chosen: Sequence[int],
-                   moves: Sequence[int]) -> list[Any]:
+                   moves: Sequence[int], picks: dict[int, Any]
+                   ) -> list[Any]:
     """Every panel for one model input (or all empty for None), each
     stamped with this update's number (`stamp`)."""
     n = next(self._updates)
@@ -83,14 +94,13 @@ class Page:
     if image is None:
       for _ in self.explorer.runs:
         out += [None] + [stamp(_empty(''), n)] * 4
-      return out + [stamp(_empty(''), n), {'image': None, 'picks': {}}]
+      return out + [stamp(_empty(''), n), {'image': None, 'picks': picks}]
     answers = self.explorer.answer(image, chosen)
-    picks = {}
     for run, a in enumerate(answers):
-      first = a.inside.stages[0].name
-      picks[run] = (first, 0)
-      ch = panels.channel(a.inside, a.networks.kernels(a.network), first, 0)
-      out += [a.decision.label()] + [stamp(html, n) for html in (
+      stage, index = picks.get(run) or (a.inside.stages[0].name, 0)
+      ch = panels.channel(a.inside, a.networks.kernels(a.network), stage,
+                          index)
+      out += [a.decision.label()] + [stamp(panel, n) for panel in (
           page.members(a.decision), page.why(a, image), page.inside(a, run),
           page.channel(ch, run))]
     out.append(stamp(self._what_if(image, moves,
@@ -102,74 +112,87 @@ class Page:
     w = self.explorer.what_if(image, *[int(m) for m in moves], before=before)
     return page.what_if(w, self.labels)
 
-  def _show(self, read: Any, source: str, chosen: Sequence[int],
-            moves: Sequence[int]) -> list[Any]:
-    with self._lock:
-      return self._read_and_show(read, source, chosen, moves)
-
-  def _read_and_show(self, read: Any, source: str, chosen: Sequence[int],
-                     moves: Sequence[int]) -> list[Any]:
-    try:
-      gray = read()
-      if gray is None:
-        return self._outputs_for(None, _empty(HINT), HINT, 'info', chosen,
-                                 moves)
-      steps = panels.prepare(gray, self.explorer.hw)
-    except InputProblem as e:
-      return [page.message('error', str(e))] + [gr.skip()] * (
-          len(self._outputs) - 1)
-    image = steps.image[..., None]
-    return self._outputs_for(image, page.steps(steps, source),
-                             f'Showing {source} ({gray.shape[0]}×'
-                             f'{gray.shape[1]} pixels).', 'info', chosen,
-                             moves)
-
-  def on_draw(self, uri: str, *args: Any) -> list[Any]:
-    chosen, moves = self._split(args)
-    return self._show(lambda: panels.read_drawing(uri or ''),
-                      'your drawing', chosen, moves)
-
-  def on_upload(self, data: bytes | None, *args: Any) -> list[Any]:
-    chosen, moves = self._split(args)
-    return self._show(lambda: panels.read_upload(data, 'the uploaded file'),
-                      'the uploaded file', chosen, moves)
-
-  def _split(self, args: Sequence[Any]) -> tuple[list[int], list[int]]:
+  def _show(self, read: Any, source: str, state: dict[str, Any] | None,
+            args: Sequence[Any]) -> list[Any]:
+    """Reads an input and shows every panel for it; an input that cannot
+    be used changes only the message."""
     n = len(self.explorer.runs)
-    return [int(a or 0) for a in args[:n]], [int(a or 0) for a in args[n:]]
+    chosen = [int(a or 0) for a in args[:n]]
+    moves = [int(a or 0) for a in args[n:]]
+    picks = dict((state or {}).get('picks') or {})
+    with self._lock:
+      try:
+        gray = read()
+        if gray is None:
+          return self._outputs_for(None, _empty(HINT), HINT, 'info', chosen,
+                                   moves, picks)
+        steps = panels.prepare(gray, self.explorer.hw)
+      except InputProblem as e:
+        return [page.message('error', str(e))] + [gr.skip()] * (
+            self._num_outputs - 1)
+      return self._outputs_for(
+          steps.image[..., None], page.steps(steps, source),
+          f'Showing {source} ({gray.shape[0]}×{gray.shape[1]} pixels).',
+          'info', chosen, moves, picks)
 
-  def on_network(self, state: dict[str, Any], network: int, run: int
-                 ) -> list[Any]:
-    """Another network of one workdir: its answer, inside and channel."""
+  def on_draw(self, uri: str, state: dict[str, Any] | None,
+              *args: Any) -> list[Any]:
+    """The end of a stroke (or Clear): ``uri`` is the canvas as a PNG
+    ``data:`` URI ('' when cleared); ``args`` are each workdir's chosen
+    network, then the what-if moves."""
+    return self._show(lambda: panels.read_drawing(uri or ''),
+                      'your drawing', state, args)
+
+  def on_upload(self, data: bytes | None, state: dict[str, Any] | None,
+                *args: Any) -> list[Any]:
+    """An uploaded file's bytes; ``args`` as for `on_draw`."""
+    return self._show(lambda: panels.read_upload(data, 'the uploaded file'),
+                      'the uploaded file', state, args)
+
+  def _inside(self, state: dict[str, Any] | None, network: int, run: int
+              ) -> tuple[np.ndarray, panels.Answer] | None:
     image = (state or {}).get('image')
     if image is None:
-      return [gr.skip()] * 5
+      return None
     chosen = [0] * len(self.explorer.runs)
     chosen[run] = int(network or 0)
     with self._lock:
-      a = self.explorer.answer(image, chosen)[run]
-    first = a.inside.stages[0].name
-    ch = panels.channel(a.inside, a.networks.kernels(a.network), first, 0)
-    return [page.why(a, image), page.inside(a, run), page.channel(ch, run),
-            state]
+      return image, self.explorer.answer(image, chosen)[run]
 
-  def on_pick(self, state: dict[str, Any], network: int, run: int,
-              evt: gr.EventData) -> Any:
-    """A click on a feature-map tile: that channel beside its filter."""
-    image = (state or {}).get('image')
-    data = getattr(evt, '_data', None) or {}
-    if image is None or not isinstance(data, dict):
-      return gr.skip()
-    stage, channel = str(data.get('stage', '')), int(data.get('channel', 0))
-    chosen = [0] * len(self.explorer.runs)
-    chosen[run] = int(network or 0)
-    with self._lock:
-      a = self.explorer.answer(image, chosen)[run]
-    ch = panels.channel(a.inside, a.networks.kernels(a.network), stage,
-                        channel)
-    return page.channel(ch, run)
+  def _channel(self, state: dict[str, Any] | None, a: panels.Answer,
+               run: int) -> str:
+    stage, index = ((state or {}).get('picks') or {}).get(run) or (
+        a.inside.stages[0].name, 0)
+    return page.channel(panels.channel(
+        a.inside, a.networks.kernels(a.network), stage, index), run)
 
-  def on_what_if(self, state: dict[str, Any], *moves: Any) -> Any:
+  def on_network(self, state: dict[str, Any] | None, network: int,
+                 run: int) -> list[Any]:
+    """Another network of one workdir: where it looked, its maps."""
+    found = self._inside(state, network, run)
+    if found is None:
+      return [gr.skip()] * 3
+    image, a = found
+    return [page.why(a, image), page.inside(a, run),
+            self._channel(state, a, run)]
+
+  def on_pick(self, state: dict[str, Any] | None, network: int, run: int,
+              evt: gr.EventData) -> list[Any]:
+    """A click on a feature-map tile: that channel beside its filter (and
+    again after later strokes)."""
+    data = getattr(evt, '_data', None)
+    found = self._inside(state, network, run)
+    if found is None or not isinstance(data, dict):
+      return [gr.skip(), gr.skip()]
+    try:
+      pick = (str(data['stage']), int(data['channel']))
+    except (KeyError, TypeError, ValueError):
+      return [gr.skip(), gr.skip()]
+    state = {**state, 'picks': {**(state.get('picks') or {}), run: pick}}
+    return [self._channel(state, found[1], run), state]
+
+  def on_what_if(self, state: dict[str, Any] | None, *moves: Any) -> Any:
+    """A what-if slider moved: the edited input and the answers."""
     image = (state or {}).get('image')
     if image is None:
       return gr.skip()
@@ -222,9 +245,10 @@ class Page:
                          elem_id='cover-size')
       what_if = gr.HTML(_empty(''), elem_id='whatif')
       moves = [dy, dx, top, left, size]
-      self._outputs = [message, steps, *runs_out, what_if, state]
-      inputs = [s for s, *_ in selectors] + moves
-      common = dict(outputs=self._outputs, trigger_mode='always_last',
+      outputs = [message, steps, *runs_out, what_if, state]
+      assert len(outputs) == self._num_outputs
+      inputs = [state] + [s for s, *_ in selectors] + moves
+      common = dict(outputs=outputs, trigger_mode='always_last',
                     show_progress='hidden', queue=False)
       canvas.change(self.on_draw, [canvas, *inputs], api_name='draw',
                     **common)
@@ -233,9 +257,9 @@ class Page:
       for r, (selector, why, inside, channel) in enumerate(selectors):
         selector.change(
             lambda s, n, r=r: self.on_network(s, n, r), [state, selector],
-            [why, inside, channel, state], show_progress='hidden',
-            queue=False, api_name=False)
-        inside.pick(self._picker(r), [state, selector], channel,
+            [why, inside, channel], show_progress='hidden', queue=False,
+            api_name=False)
+        inside.pick(self._picker(r), [state, selector], [channel, state],
                     show_progress='hidden', queue=False, api_name=False)
       for m in moves:
         m.change(self.on_what_if, [state, *moves], what_if,
