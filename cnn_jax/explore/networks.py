@@ -36,8 +36,8 @@ from cnn_jax import workdir as workdir_lib
 from cnn_jax.analysis import architecture, intermediates
 from cnn_jax.config import Config, CnnJaxError
 
-IG_STEPS = 32  # Points on the integrated-gradients path (midpoint rule).
-OCCLUSION = (7, 3)  # Occluding square's side and stride, in pixels.
+IG_STEPS = 16  # Points on the integrated-gradients path (midpoint rule).
+OCCLUSION = (8, 4)  # Occluding square's side and stride, in pixels.
 MAX_SHIFT = 4  # What-if shifts go up to this many pixels each way.
 
 

@@ -159,6 +159,7 @@ def serve(config: Config, workdir: str, compare: str | None = None,
                   prevent_thread_lock=True, quiet=True, ssr_mode=False,
                   footer_links=[], max_file_size=MAX_UPLOAD,
                   show_error=False, state_session_capacity=256,
+                  run_history=False, pwa=False, mcp_server=False,
                   css=page.static('explore.css'))
     except OSError as e:
       raise CnnJaxError(f'cannot serve on {host}:{port}: {e}') from e
