@@ -56,8 +56,8 @@ _CHROMIUM = flags.DEFINE_string('chromium', '/usr/bin/chromium',
                                 'The Chromium executable.')
 _PORT = flags.DEFINE_integer('port', 7861, 'Port of the served page.')
 _SCREENSHOT = flags.DEFINE_string(
-    'screenshot', None, 'Save a PNG of the page after drawing a 7 and '
-    'picking a channel (the README\'s picture).')
+    'screenshot', None, 'Save a PNG of the page after drawing a 7, '
+    'picking a channel and covering a square (the README\'s picture).')
 _JSON = flags.DEFINE_bool('json', False, 'Print the figures as JSON.')
 
 CANVAS = 280  # The canvas's side in CSS pixels.
@@ -277,6 +277,11 @@ def browser_times(workdir: str, compare: str | None, strokes: int,
       stage = fmap.get_attribute('data-stage')
       fmap.click(position={'x': 5, 'y': 5})
       page.wait_for_selector(f'#channel-0 .panel[data-stage="{stage}"]')
+      size = page.locator('#cover-size input[type=number]')
+      size.fill('7')
+      size.press('Enter')
+      page.wait_for_function('() => document.querySelector("#whatif")'
+                             '.innerText.includes("7×7 square")')
       page.screenshot(path=screenshot, full_page=True)
   out = _summary(times) if times else {}
   out['blocked_requests'] = blocked

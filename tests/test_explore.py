@@ -7,6 +7,7 @@ is tested in test_explore_browser.py."""
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import json
 import os
@@ -27,6 +28,7 @@ from cnn_jax.explore import page, panels, pictures, server
 from cnn_jax.preprocess_image import mnist_style
 from conftest import MOCK_EXAMPLES, tiny_config
 from helpers.images import draw_seven, gray, png_bomb
+from helpers.requirements import require
 
 FASHION = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
            'Shirt', 'Sneaker', 'Bag', 'Ankle <boot>')
@@ -367,7 +369,8 @@ def test_page_files_ship_as_package_data():
 def test_page_handlers(ensemble_nets, simple, seven):
   """The events' handlers, without a browser: a drawing, a pick that stays
   across strokes, another network, a what-if move, a bad upload."""
-  pytest.importorskip('gradio')  # The browser tests fail without it in CI.
+  require(importlib.util.find_spec('gradio') is not None,
+          'gradio (the explore extra)')
   from cnn_jax.explore import app
   import gradio as gr
   handlers = app.Page(panels.Explorer([ensemble_nets, simple]),

@@ -19,33 +19,24 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import IN_CI, REPO
+from conftest import REPO
 from helpers.images import draw_seven, png_bomb
 from helpers.procs import free_port, jax_env
+from helpers.requirements import require
 
 CHROMIUM = os.environ.get('CHROMIUM', '/usr/bin/chromium')
 
 
-def _require(found: bool, what: str) -> None:
-  if found:
-    return
-  if IN_CI:
-    pytest.fail(f'{what} is missing; under CI=true the explorer tests need '
-                'it (.ci/run installs it)')
-  pytest.skip(f'{what} is not installed (pip install -e ".[test]"; '
-              'apt-get install chromium)')
-
-
 @pytest.fixture(scope='module')
 def explore_extra() -> None:
-  _require(importlib.util.find_spec('gradio') is not None,
+  require(importlib.util.find_spec('gradio') is not None,
            'gradio (the explore extra)')
 
 
 @pytest.fixture(scope='module')
 def browser_tools(explore_extra) -> None:
-  _require(importlib.util.find_spec('playwright') is not None, 'playwright')
-  _require(os.access(CHROMIUM, os.X_OK), f'Chromium ({CHROMIUM})')
+  require(importlib.util.find_spec('playwright') is not None, 'playwright')
+  require(os.access(CHROMIUM, os.X_OK), f'Chromium ({CHROMIUM})')
 
 
 def _png(img: Image.Image) -> bytes:

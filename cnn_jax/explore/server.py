@@ -31,7 +31,6 @@ from cnn_jax.config import Config, CnnJaxError
 
 SCRATCH = 'explore'
 SCRATCH_PARTS = ('uploads', 'matplotlib')
-MAX_UPLOAD = '20mb'  # Gradio refuses larger uploads (panels.MAX_UPLOAD_BYTES).
 
 
 def check_port(host: str, port: int) -> None:
@@ -151,13 +150,14 @@ def serve(config: Config, workdir: str, compare: str | None = None,
     explorer, labels = load_explorer(config, workdir, compare)
     logging.info('restored and compiled in %.1fs',
                  time.perf_counter() - started)
-    from cnn_jax.explore import app, page
+    from cnn_jax.explore import app, page, panels
     title = 'cnn_jax explorer: ' + ' vs '.join(labels)
     demo = app.build(explorer, labels, title)
     try:
       demo.launch(server_name=host, server_port=port,
                   prevent_thread_lock=True, quiet=True, ssr_mode=False,
-                  footer_links=[], max_file_size=MAX_UPLOAD,
+                  footer_links=[],
+                  max_file_size=panels.MAX_UPLOAD_BYTES,
                   show_error=False, state_session_capacity=256,
                   run_history=False, pwa=False, mcp_server=False,
                   css=page.static('explore.css'))
