@@ -94,7 +94,7 @@ def _peak_rss_mb(pid: int) -> float:
 
 def test_draw_pick_upload_in_headless_chromium(browser_tools, trained_simple,
                                                trained_deep, tmp_path):
-  from experiments import explore_latency as driver
+  from experiments import explore_browser as driver
   home, tmp, cwd = (tmp_path / n for n in ('home', 'tmp', 'cwd'))
   for d in (home, tmp, cwd):
     d.mkdir()
@@ -103,10 +103,10 @@ def test_draw_pick_upload_in_headless_chromium(browser_tools, trained_simple,
   env = {**jax_env(2), 'HOME': str(home), 'TMPDIR': str(tmp),
          'CNN_JAX_CACHE_DIR': str(tmp_path / 'cache')}
   with driver.serve(workdir, free_port(), compare=trained_deep[1], env=env,
-                    cwd=str(cwd)) as (proc, url), \
-      driver.chromium(CHROMIUM, url, str(tmp_path / 'profile')) as (
+                    cwd=str(cwd)) as server, \
+      driver.chromium(CHROMIUM, server.url, str(tmp_path / 'profile')) as (
           page, blocked):
-    assert url.startswith('http://127.0.0.1:')
+    assert server.url.startswith('http://127.0.0.1:')
     # Draw a 7: the answer, the model's input and every stage appear, for
     # both runs side by side.
     driver.stroke_and_wait(page, driver.DIGITS['7'], runs=2)
@@ -145,7 +145,7 @@ def test_draw_pick_upload_in_headless_chromium(browser_tools, trained_simple,
     driver.wait_for_update(page, 2)
     assert 'Showing the uploaded file' in page.inner_text('#message-box')
     # Bad uploads: a message in the page; the panels stay; memory bounded.
-    before = _peak_rss_mb(proc.pid)
+    before = _peak_rss_mb(server.process.pid)
     transparent = _png(Image.new('RGBA', (64, 64), (0, 0, 0, 0)))
     for name, data, fragment in (
         ('notes.txt', b'this is not an image', 'not an image'),
@@ -159,17 +159,19 @@ def test_draw_pick_upload_in_headless_chromium(browser_tools, trained_simple,
           ' return m && m.dataset.kind === "error" && m.innerText.includes(f);'
           ' }', arg=fragment)
       assert page.locator('#members-0 .prediction').count() == 1
-    assert _peak_rss_mb(proc.pid) - before < 100
+    assert _peak_rss_mb(server.process.pid) - before < 100
     # It still answers.
     driver.clear(page)
     driver.stroke_and_wait(page, driver.DIGITS['1'], runs=2)
     assert 'Showing your drawing' in page.inner_text('#message-box')
+    # The picked channel stays picked for new inputs.
+    assert page.get_attribute('#channel-0 .panel', 'data-channel') == '9'
     assert blocked == []
     # Uploads live in the workdir while serving.
     assert os.path.isdir(os.path.join(workdir, 'explore', 'uploads'))
   # Ctrl-C (SIGINT, sent by `serve`) stopped it cleanly.
-  assert proc.returncode == 0
-  assert 'explorer stopped' in proc.stdout.read()
+  assert server.process.returncode == 0, server.output
+  assert 'explorer stopped' in server.output
   assert not os.path.exists(os.path.join(workdir, 'explore'))
   for d in (home, tmp, cwd):
     assert not any(d.iterdir()), (d, list(d.iterdir()))

@@ -142,15 +142,14 @@ class RunPrograms:
   """The jitted programs of one restored run, on one device."""
 
   def __init__(self, run: inference.Restored, device: jax.Device,
-               ig_steps: int = IG_STEPS,
-               occlusion: tuple[int, int] = OCCLUSION):
+               ig_steps: int = IG_STEPS):
     self.run, self.model = run, run.model
     self.members = run.num_members
     self.stacked = self.members > 1
     self.device = device
     self.variables = jax.device_put(jax.device_get(run.variables), device)
     self.image_shape = tuple(run.info.image_shape)
-    masks = occlusion_masks(self.image_shape[:2], *occlusion)
+    masks = occlusion_masks(self.image_shape[:2], *OCCLUSION)
     self.masks = jax.device_put(masks[..., None], device)
     self.stages = self._stages()
     names = [s.name for s in self.stages]
@@ -243,10 +242,8 @@ class Networks:
   programs; two `Networks` on two host devices answer in parallel.
   """
 
-  def __init__(self, ensemble: inference.Ensemble, label: str,
-               device: jax.Device | None = None, ig_steps: int = IG_STEPS,
-               occlusion: tuple[int, int] = OCCLUSION):
-    self.label = label
+  def __init__(self, ensemble: inference.Ensemble,
+               device: jax.Device | None = None, ig_steps: int = IG_STEPS):
     self.info = ensemble.info
     if len(self.info.image_shape) != 3 or self.info.image_shape[-1] != 1:
       raise CnnJaxError(
@@ -254,7 +251,7 @@ class Networks:
           f'has images of shape {self.info.image_shape}')
     self.class_names = [str(n) for n in self.info.class_names]
     device = device or jax.devices()[0]
-    self.runs = [RunPrograms(run, device, ig_steps, occlusion)
+    self.runs = [RunPrograms(run, device, ig_steps)
                  for run in ensemble.runs]
     self.networks = []
     for member in ensemble.members:
@@ -273,7 +270,7 @@ class Networks:
     """Runs every program once, so each is compiled (or read from the
     persistent compilation cache) before the first request."""
     blank = np.zeros(self.info.image_shape, np.uint8)
-    for i, run in enumerate(self.runs):
+    for run in self.runs:
       image = run.put(blank)
       jax.block_until_ready((run.probabilities(image), run.inside(0, image),
                              run.what_if(image, (0, 0, 0, 0, 0))))
@@ -331,7 +328,7 @@ class Networks:
 
 
 def load(workdir: str, config: Config | None = None,
-         device: jax.Device | None = None, label: str = '',
+         device: jax.Device | None = None,
          ig_steps: int = IG_STEPS) -> Networks:
   """The networks of any workdir `--mode=predict` serves, compiled.
 
@@ -342,4 +339,4 @@ def load(workdir: str, config: Config | None = None,
                       'with --mode=train and the same --workdir')
   config = config or workdir_lib.load_config(workdir)
   ensemble = inference.load(workdir, config)
-  return Networks(ensemble, label or config.model, device, ig_steps)
+  return Networks(ensemble, device, ig_steps)

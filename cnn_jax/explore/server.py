@@ -71,7 +71,7 @@ def load_explorer(config: Config, workdir: str, compare: str | None
   from cnn_jax.analysis import compare as compare_lib
   from cnn_jax.explore import networks, panels
   devices = jax.devices()
-  runs = [networks.load(workdir, config, devices[0], _label(config))]
+  runs = [networks.load(workdir, config, devices[0])]
   labels = [_label(config)]
   if compare:
     if not os.path.isdir(compare):
@@ -83,8 +83,7 @@ def load_explorer(config: Config, workdir: str, compare: str | None
           runs[0].info, workdir_lib.dataset_info(compare, other_config),
           compare)
       runs.append(networks.load(compare, other_config,
-                                devices[1 % len(devices)],
-                                _label(other_config)))
+                                devices[1 % len(devices)]))
     except CnnJaxError as e:
       if str(e).startswith('--compare='):
         raise
