@@ -345,6 +345,20 @@ def test_port_in_use_and_bad_workdirs_fail_before_serving(tmp_path,
     networks_lib.load(str(tmp_path / 'missing'))
   with pytest.raises(CnnJaxError, match='no run found'):
     networks_lib.load(str(tmp_path))
+  config, workdir = trained_simple
+  other = str(tmp_path / 'cifar_like')
+  shutil.copytree(workdir, other)
+  path = os.path.join(other, 'dataset_info.json')
+  info = json.load(open(path))
+  info.update(name='cifar10', image_shape=[32, 32, 3])
+  with open(path, 'w') as f:
+    json.dump(info, f)
+  with pytest.raises(CnnJaxError, match='--compare=.*same dataset'):
+    server.load_explorer(config, workdir, other)
+  with pytest.raises(CnnJaxError, match='--compare=.* holds no run'):
+    server.load_explorer(config, workdir, str(tmp_path))
+  with pytest.raises(CnnJaxError, match='grayscale'):
+    networks_lib.load(other)
 
 
 def test_page_files_ship_as_package_data():

@@ -245,10 +245,7 @@ class Networks:
   def __init__(self, ensemble: inference.Ensemble,
                device: jax.Device | None = None, ig_steps: int = IG_STEPS):
     self.info = ensemble.info
-    if len(self.info.image_shape) != 3 or self.info.image_shape[-1] != 1:
-      raise CnnJaxError(
-          f'explore supports grayscale (HxWx1) datasets; {self.info.name!r} '
-          f'has images of shape {self.info.image_shape}')
+    check_grayscale(self.info)
     self.class_names = [str(n) for n in self.info.class_names]
     device = device or jax.devices()[0]
     self.runs = [RunPrograms(run, device, ig_steps)
@@ -327,6 +324,14 @@ class Networks:
             np.concatenate([np.asarray(p, np.float64) for _, p in out]))
 
 
+def check_grayscale(info: input_pipeline.DatasetInfo) -> None:
+  """The explorer's inputs are grayscale drawings, as predict's are."""
+  if len(info.image_shape) != 3 or info.image_shape[-1] != 1:
+    raise CnnJaxError(f'explore supports grayscale (HxWx1) datasets; '
+                      f'{info.name!r} has images of shape '
+                      f'{tuple(info.image_shape)}')
+
+
 def load(workdir: str, config: Config | None = None,
          device: jax.Device | None = None,
          ig_steps: int = IG_STEPS) -> Networks:
@@ -338,5 +343,6 @@ def load(workdir: str, config: Config | None = None,
     raise CnnJaxError(f'--workdir={workdir} does not exist; train first '
                       'with --mode=train and the same --workdir')
   config = config or workdir_lib.load_config(workdir)
+  check_grayscale(workdir_lib.dataset_info(workdir, config))
   ensemble = inference.load(workdir, config)
   return Networks(ensemble, device, ig_steps)

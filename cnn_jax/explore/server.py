@@ -63,36 +63,48 @@ def _label(config: Config) -> str:
   return config.model
 
 
+def _compare_config(compare: str, info: Any) -> Config:
+  """The ``--compare`` run's config, checked to be a run on the dataset of
+  ``info`` before anything is compiled."""
+  from cnn_jax.analysis import compare as compare_lib
+  if not os.path.isdir(compare):
+    raise CnnJaxError(f'--compare={compare} does not exist; give the '
+                      'workdir of another trained run')
+  if not os.path.isfile(os.path.join(compare, workdir_lib.CONFIG)):
+    raise CnnJaxError(f'--compare={compare} holds no run (it has no '
+                      f'{workdir_lib.CONFIG})')
+  try:
+    other = workdir_lib.load_config(compare)
+    compare_lib.check_same_dataset(
+        info, workdir_lib.dataset_info(compare, other), compare)
+  except CnnJaxError as e:
+    if str(e).startswith('--compare='):
+      raise
+    raise CnnJaxError(f'--compare={compare}: {e}') from e
+  return other
+
+
 def load_explorer(config: Config, workdir: str, compare: str | None
                   ) -> Any:
   """The `Explorer` of ``workdir`` (and ``compare``), compiled, and the
-  runs' labels."""
+  runs' labels. Raises CnnJaxError for a workdir or ``compare`` run that
+  cannot be served."""
   import jax
   from cnn_jax.analysis import compare as compare_lib
   from cnn_jax.explore import networks, panels
+  other = (_compare_config(compare, workdir_lib.dataset_info(workdir, config))
+           if compare else None)
   devices = jax.devices()
   runs = [networks.load(workdir, config, devices[0])]
-  labels = [_label(config)]
-  if compare:
-    if not os.path.isdir(compare):
-      raise CnnJaxError(f'--compare={compare} does not exist; give the '
-                        'workdir of another trained run')
-    try:
-      other_config = workdir_lib.load_config(compare)
-      compare_lib.check_same_dataset(
-          runs[0].info, workdir_lib.dataset_info(compare, other_config),
-          compare)
-      runs.append(networks.load(compare, other_config,
-                                devices[1 % len(devices)]))
-    except CnnJaxError as e:
-      if str(e).startswith('--compare='):
-        raise
-      raise CnnJaxError(f'--compare={compare}: {e}') from e
-    labels = list(compare_lib.labels(_label(config), workdir,
-                                     _label(other_config), compare))
-  else:
-    labels = [f'{labels[0]} ({os.path.normpath(workdir)})']
-  return panels.Explorer(runs), labels
+  if other is None:
+    return panels.Explorer(runs), [
+        f'{_label(config)} ({os.path.normpath(workdir)})']
+  try:
+    runs.append(networks.load(compare, other, devices[1 % len(devices)]))
+  except CnnJaxError as e:
+    raise CnnJaxError(f'--compare={compare}: {e}') from e
+  return panels.Explorer(runs), list(compare_lib.labels(
+      _label(config), workdir, _label(other), compare))
 
 
 def _scratch_dir(workdir: str) -> str:
