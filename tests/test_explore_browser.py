@@ -84,6 +84,10 @@ def _upload(page, name: str, data: bytes) -> None:
                                   'mimeType': 'application/octet-stream'}])
 
 
+def _files(root) -> set[str]:
+  return {str(p) for p in root.rglob('*') if '__pycache__' not in p.parts}
+
+
 def _peak_rss_mb(pid: int) -> float:
   with open(f'/proc/{pid}/status') as f:
     for line in f:
@@ -102,6 +106,7 @@ def test_draw_pick_upload_in_headless_chromium(browser_tools, trained_simple,
   shutil.copytree(trained_simple[1], workdir)
   env = {**jax_env(2), 'HOME': str(home), 'TMPDIR': str(tmp),
          'CNN_JAX_CACHE_DIR': str(tmp_path / 'cache')}
+  sources = _files(REPO / 'cnn_jax')
   with driver.serve(workdir, free_port(), compare=trained_deep[1], env=env,
                     cwd=str(cwd)) as server, \
       driver.chromium(CHROMIUM, server.url, str(tmp_path / 'profile')) as (
@@ -175,3 +180,4 @@ def test_draw_pick_upload_in_headless_chromium(browser_tools, trained_simple,
   assert not os.path.exists(os.path.join(workdir, 'explore'))
   for d in (home, tmp, cwd):
     assert not any(d.iterdir()), (d, list(d.iterdir()))
+  assert _files(REPO / 'cnn_jax') == sources  # Nor into the package.

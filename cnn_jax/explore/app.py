@@ -2,10 +2,10 @@
 
 Built with stock Gradio components (``gr.Label`` for the probabilities,
 ``gr.UploadButton`` for uploads, ``gr.Dropdown``, ``gr.Slider``, ``gr.HTML`` for
-the panels) and one custom HTML component, `Canvas`. Gradio's own
+the panels) and one custom HTML component, `canvas`. Gradio's own
 ``gr.Sketchpad`` is a full image editor (layers, zoom, history) drawn with
 WebGL that uploads the background, each layer and the composite as PNG
-files after every stroke before the event runs; `Canvas` is a plain 2-D
+files after every stroke before the event runs; `canvas` is a plain 2-D
 canvas that sends one small PNG with the event itself, which keeps an update
 within the latency the explorer needs and writes no file (README, and
 ``third_party_notes.md``).
@@ -36,20 +36,17 @@ HINT = ('Draw a digit on the canvas (it answers at the end of each stroke) '
         'or upload an image file.')
 
 
-class Canvas(gr.HTML):
-  """A drawing canvas (mouse, pen, touch) with brush width and Clear.
+def canvas(brush: int = BRUSH, **kwargs: Any) -> gr.HTML:
+  """A drawing canvas (mouse, pen, touch) with brush width and Clear: a
+  ``gr.HTML`` with its own template and script (a function, not a
+  subclass: Gradio writes a ``.pyi`` stub beside the module of every
+  component class).
 
   Its value is the canvas as a PNG ``data:`` URI, set at the end of each
   stroke ('' after Clear), which fires ``change``.
   """
-
-  def __init__(self, brush: int = BRUSH, **kwargs: Any):
-    super().__init__(value='', html_template=page.static('canvas.html'),
-                     js_on_load=page.static('canvas.js'), brush=brush,
-                     **kwargs)
-
-  def api_info(self) -> dict[str, Any]:
-    return {'type': 'string', 'description': 'a PNG data: URI'}
+  return gr.HTML(value='', html_template=page.static('canvas.html'),
+                 js_on_load=page.static('canvas.js'), brush=brush, **kwargs)
 
 
 def stamp(markup: str, update: int) -> str:
@@ -213,7 +210,7 @@ class Page:
       with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=300):
           gr.Markdown('### Your digit')
-          canvas = Canvas(elem_id='canvas')
+          pad = canvas(elem_id='canvas')
           upload = gr.UploadButton('…or upload an image file', type='binary',
                                    file_count='single', elem_id='upload',
                                    size='md')
@@ -250,7 +247,7 @@ class Page:
       inputs = [state] + [s for s, *_ in selectors] + moves
       common = dict(outputs=outputs, trigger_mode='always_last',
                     show_progress='hidden', queue=False)
-      canvas.change(self.on_draw, [canvas, *inputs], api_name='draw',
+      pad.change(self.on_draw, [pad, *inputs], api_name='draw',
                     **common)
       upload.upload(self.on_upload, [upload, *inputs], api_name='upload',
                     **common)
