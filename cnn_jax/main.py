@@ -10,6 +10,9 @@ Modes:
   ensemble combine trained runs (--members=RUN1,RUN2,...) into --workdir.
   robustness  accuracy of --workdir on corrupted test images and on digits
            rendered from fonts, in workdir/robustness.json.
+  explore  a local web page: draw or upload a digit and see every layer
+           answer (--compare=OTHER_WORKDIR answers beside it; --host,
+           --port; needs the 'explore' extra).
 
 Flags are parsed here only and turned into a `Config`; for eval/analyze/
 predict/export the workdir's saved config is used, with data-location and
@@ -31,7 +34,7 @@ from cnn_jax import config_flags, phases, runtime
 from cnn_jax.config import Config, CnnJaxError, EVAL_OVERRIDE_FIELDS
 
 MODES = ('train', 'eval', 'analyze', 'predict', 'export', 'ensemble',
-         'robustness')
+         'robustness', 'explore')
 
 _MODE = flags.DEFINE_string('mode', 'train', f'One of: {", ".join(MODES)}.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: config, '
@@ -58,8 +61,12 @@ _ANALYSIS_EXAMPLES = flags.DEFINE_list(
     'analysis_examples', ['0', '1', '2'],
     'analyze: test-set indices whose path through the model is drawn.')
 _COMPARE = flags.DEFINE_string(
-    'compare', None, 'analyze: the workdir of another run on the same '
-    'dataset, shown side by side with --workdir\'s run.')
+    'compare', None, 'analyze, explore: the workdir of another run on the '
+    'same dataset, shown side by side with --workdir\'s run.')
+_HOST = flags.DEFINE_string(
+    'host', '127.0.0.1', 'explore: the address to serve the page on; only '
+    'this machine can open it unless you give another (e.g. 0.0.0.0).')
+_PORT = flags.DEFINE_integer('port', 7860, 'explore: the port to serve on.')
 _TOP_K = flags.DEFINE_integer('top_k', 3, 'predict: classes shown per file.')
 _JSON = flags.DEFINE_bool('json', False, 'predict: one JSON object per line.')
 _SAVE_PREPROCESSED = flags.DEFINE_string(
@@ -170,6 +177,10 @@ def run(argv: Sequence[str], hooks: Sequence[Any] = ()) -> int:
     return predict.main(config, workdir, argv[1:], top_k=_TOP_K.value,
                         as_json=_JSON.value,
                         save_dir=_SAVE_PREPROCESSED.value)
+  if mode == 'explore':
+    from cnn_jax.explore import server
+    return server.serve(config, workdir, compare=_COMPARE.value,
+                        host=_HOST.value, port=_PORT.value)
   from cnn_jax import export
   path = export.export(config, workdir)
   print(f'exported: {path}')

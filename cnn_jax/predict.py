@@ -16,12 +16,13 @@ code is 2 when anything failed, 0 otherwise.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import stat
 import sys
 import warnings
-from typing import Any, Sequence, TextIO
+from typing import Any, BinaryIO, Sequence, TextIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -118,8 +119,10 @@ def _image_to_gray(img: Image.Image) -> np.ndarray:
   return np.asarray(img.convert('L'), dtype=np.float32) / 255.0
 
 
-def read_image(path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-  """An image file's first frame as float32 HxW grayscale in [0, 1]."""
+def read_image(path: str | BinaryIO, max_pixels: int = MAX_PIXELS
+               ) -> np.ndarray:
+  """An image file's (or binary file object's) first frame as float32 HxW
+  grayscale in [0, 1]."""
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', Image.DecompressionBombWarning)
     try:
@@ -138,7 +141,7 @@ def read_image(path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
       raise InputError('not an image (unrecognized file format)') from e
 
 
-def read_npy(path: str, max_pixels: int = MAX_PIXELS
+def read_npy(path: str | BinaryIO, max_pixels: int = MAX_PIXELS
              ) -> tuple[list[np.ndarray], bool]:
   """A .npy file's images as float32 HxW in [0, 1], and whether a batch.
 
@@ -175,11 +178,46 @@ def _first_line(e: BaseException) -> str:
   return (text[:200] or type(e).__name__)
 
 
-def _is_npy(path: str) -> bool:
+def _is_npy(path: str | BinaryIO) -> bool:
+  if not isinstance(path, str):
+    start = path.tell()
+    magic = path.read(len(NPY_MAGIC))
+    path.seek(start)
+    return magic == NPY_MAGIC
   if path.lower().endswith('.npy'):
     return True
   with open(path, 'rb') as f:
     return f.read(len(NPY_MAGIC)) == NPY_MAGIC
+
+
+def read_grays(path: str | BinaryIO, max_pixels: int = MAX_PIXELS
+               ) -> tuple[list[np.ndarray], bool]:
+  """An image or .npy source as float32 HxW images in [0, 1], and whether
+  it held a batch. Raises InputError, with the reason, when it cannot be
+  used, whatever the decoder raised."""
+  try:
+    if _is_npy(path):
+      return read_npy(path, max_pixels)
+    return [read_image(path, max_pixels)], False
+  except InputError:
+    raise
+  except PermissionError as e:
+    raise InputError('permission denied') from e
+  except Exception as e:  # Decoders raise many types on corrupt files.
+    raise InputError(f'cannot decode ({type(e).__name__}: '
+                     f'{_first_line(e)})') from e
+
+
+def read_bytes(data: bytes, max_bytes: int = MAX_FILE_BYTES,
+               max_pixels: int = MAX_PIXELS
+               ) -> tuple[list[np.ndarray], bool]:
+  """`read_grays` of a file's contents (an upload); never touches a path."""
+  if not data:
+    raise InputError('empty file')
+  if len(data) > max_bytes:
+    raise InputError(f'file is {len(data) / 2**20:.1f} MiB, over the '
+                     f'{max_bytes / 2**20:g} MiB limit')
+  return read_grays(io.BytesIO(data), max_pixels)
 
 
 def _prepare(path: str, gray: np.ndarray, shape: tuple[int, int],
@@ -207,22 +245,12 @@ def load_inputs(paths: Sequence[str], shape: tuple[int, int],
       continue
     try:
       _check_file(path, max_bytes)
-      if _is_npy(path):
-        grays, batch = read_npy(path, max_pixels)
-        names = ([f'{path}[{i}]' for i in range(len(grays))] if batch
-                 else [path])
-      else:
-        grays, names = [read_image(path, max_pixels)], [path]
+      grays, batch = read_grays(path, max_pixels)
     except InputError as e:
       items.append(Item(path, error=str(e)))
       continue
-    except PermissionError:
-      items.append(Item(path, error='permission denied'))
-      continue
-    except Exception as e:  # Decoders raise many types on corrupt files.
-      items.append(Item(path, error=f'cannot decode ({type(e).__name__}: '
-                        f'{_first_line(e)})'))
-      continue
+    names = ([f'{path}[{i}]' for i in range(len(grays))] if batch
+             else [path])
     items.extend(_prepare(n, g, shape, keep_original)
                  for n, g in zip(names, grays))
   return items

@@ -9,10 +9,13 @@ the box -> placed by centre of mass. An image that is already MNIST-like
 (dark background, digit filling the box, centred) comes out unchanged up to
 rounding.
 
+`mnist_style_steps` keeps every intermediate image (the explorer shows them).
 All functions are pure numpy/Pillow; nothing here knows about models.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 from PIL import Image
@@ -64,9 +67,14 @@ def _border(gray: np.ndarray) -> np.ndarray:
                          gray[:, :bw].ravel(), gray[:, -bw:].ravel()])
 
 
+def dark_on_light(gray: np.ndarray) -> bool:
+  """Whether the image is dark ink on light paper (median border > 0.5)."""
+  return float(np.median(_border(gray))) > 0.5
+
+
 def light_on_dark(gray: np.ndarray) -> np.ndarray:
   """Inverts dark-on-light images, judged by the median border brightness."""
-  return 1.0 - gray if float(np.median(_border(gray))) > 0.5 else gray
+  return 1.0 - gray if dark_on_light(gray) else gray
 
 
 def _remove_background(gray: np.ndarray) -> np.ndarray:
@@ -86,8 +94,8 @@ def _bounding_box(ink: np.ndarray) -> tuple[int, int, int, int]:
   return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-def _crop_and_fit(ink: np.ndarray, box: tuple[int, int]) -> np.ndarray:
-  """The digit scaled to fit `box`, aspect ratio kept (anti-aliased).
+def _crop(ink: np.ndarray, box: tuple[int, int]) -> tuple[np.ndarray, float]:
+  """The digit's bounding box with a margin, and the scale that fits `box`.
 
   The scale comes from the bounding box of the clear ink; a digit already
   within a pixel of fitting is not resampled (which would only blur it). The
@@ -102,7 +110,11 @@ def _crop_and_fit(ink: np.ndarray, box: tuple[int, int]) -> np.ndarray:
   margin = int(np.ceil(1.0 / scale))
   top, left = max(top - margin, 0), max(left - margin, 0)
   bottom, right = bottom + margin, right + margin
-  patch = ink[top:bottom, left:right]
+  return ink[top:bottom, left:right], scale
+
+
+def _fit(patch: np.ndarray, scale: float) -> np.ndarray:
+  """`patch` resized by `scale` (anti-aliased), aspect ratio kept."""
   h, w = patch.shape
   size = (max(1, round(h * scale)), max(1, round(w * scale)))
   if size == (h, w):
@@ -134,9 +146,26 @@ def _place_by_center_of_mass(patch: np.ndarray, shape: tuple[int, int]
   return out
 
 
-def mnist_style(gray: np.ndarray, shape: tuple[int, int] = (28, 28)
-                ) -> np.ndarray:
-  """A [0, 1] grayscale HxW image of one digit -> uint8 `shape` MNIST input.
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """Every intermediate image of `mnist_style`, for showing how it works.
+
+  All are float32 in [0, 1] except `image`, the uint8 model input.
+  """
+
+  gray: np.ndarray  # The input, HxW.
+  ink: np.ndarray  # Light-on-dark, background 0, brightest ink 1; HxW.
+  crop: np.ndarray  # The digit's bounding box with a margin.
+  fitted: np.ndarray  # `crop` scaled to fit the digit box.
+  placed: np.ndarray  # `fitted` in the field, centre of mass centred.
+  image: np.ndarray  # uint8 `placed`: what the model gets.
+  box: tuple[int, int]  # The digit box, e.g. (20, 20) for 28x28.
+  inverted: bool  # The input was dark on light.
+
+
+def mnist_style_steps(gray: np.ndarray, shape: tuple[int, int] = (28, 28)
+                      ) -> Steps:
+  """`mnist_style`, keeping each step's image.
 
   Raises PreprocessError when the image holds no digit (it is uniform).
   """
@@ -146,6 +175,18 @@ def mnist_style(gray: np.ndarray, shape: tuple[int, int] = (28, 28)
   ink = _remove_background(light_on_dark(gray))
   box = (max(1, round(shape[0] * BOX_FRACTION)),
          max(1, round(shape[1] * BOX_FRACTION)))
-  patch = _crop_and_fit(ink, box)
-  out = _place_by_center_of_mass(patch, shape)
-  return np.round(out * 255.0).astype(np.uint8)
+  crop, scale = _crop(ink, box)
+  fitted = _fit(crop, scale)
+  placed = _place_by_center_of_mass(fitted, shape)
+  return Steps(gray, ink, crop, fitted, placed,
+               np.round(placed * 255.0).astype(np.uint8), box,
+               dark_on_light(gray))
+
+
+def mnist_style(gray: np.ndarray, shape: tuple[int, int] = (28, 28)
+                ) -> np.ndarray:
+  """A [0, 1] grayscale HxW image of one digit -> uint8 `shape` MNIST input.
+
+  Raises PreprocessError when the image holds no digit (it is uniform).
+  """
+  return mnist_style_steps(gray, shape).image

@@ -124,6 +124,26 @@ def test_bad_files_get_one_line_reasons(tmp_path):
   assert 'MiB limit' in big[0].error
 
 
+def test_uploaded_bytes_read_like_files(tmp_path):
+  """`read_bytes` gives what the file reader gives, without a path."""
+  import io
+  path = tmp_path / 'seven.png'
+  draw_seven().save(path)
+  grays, batch = predict.read_bytes(path.read_bytes())
+  assert not batch
+  np.testing.assert_array_equal(grays[0], predict.read_image(str(path)))
+  buffer = io.BytesIO()
+  np.save(buffer, np.zeros((3, 28, 28), np.uint8))
+  grays, batch = predict.read_bytes(buffer.getvalue())
+  assert batch and len(grays) == 3
+  for data, fragment in ((b'', 'empty file'), (b'x' * 50, 'not an image'),
+                         (path.read_bytes()[:300], 'cannot decode')):
+    with pytest.raises(predict.InputError, match=fragment):
+      predict.read_bytes(data)
+  with pytest.raises(predict.InputError, match='MiB limit'):
+    predict.read_bytes(path.read_bytes(), max_bytes=100)
+
+
 def test_npy_shapes(tmp_path):
   digit = np.asarray(draw_seven().resize((28, 28)))
   shapes = {'hw.npy': digit, 'hw1.npy': digit[..., None],

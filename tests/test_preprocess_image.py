@@ -106,3 +106,24 @@ def test_real_mnist_images_pass_through_unchanged(real_mnist):
   assert np.mean(diff <= 1) >= 0.95
   for o, im in zip(out, real_mnist):
     assert np.corrcoef(o.ravel(), im.ravel())[0, 1] > 0.99
+
+
+def test_steps_are_the_preprocessing_itself():
+  """`mnist_style_steps` keeps each step of `mnist_style`, which returns its
+  last one: one implementation for predict and the explorer."""
+  from cnn_jax.preprocess_image import mnist_style_steps
+  img = gray(draw_seven(size=(500, 400), offset=(-60, -30)))
+  steps = mnist_style_steps(img)
+  np.testing.assert_array_equal(steps.image, mnist_style(img))
+  assert steps.inverted and not mnist_style_steps(1.0 - img).inverted
+  np.testing.assert_array_equal(steps.gray, img)
+  assert steps.ink.shape == img.shape and steps.ink.max() == 1.0
+  assert steps.ink[-50:].max() == 0  # Background removed.
+  # The digit fills the box; the fitted patch keeps a pixel of margin.
+  assert max(bbox(steps.fitted * 255)) in (20, 21) and steps.box == (20, 20)
+  assert max(steps.fitted.shape) <= 22
+  assert steps.crop.shape[0] > steps.fitted.shape[0]  # Scaled down.
+  assert steps.placed.shape == (28, 28)
+  np.testing.assert_array_equal(steps.image,
+                                np.round(steps.placed * 255).astype(np.uint8))
+  assert steps.placed.sum() == pytest.approx(steps.fitted.sum(), rel=1e-5)

@@ -47,6 +47,14 @@ def _capture_raw(model: nn.Module, variables: Any, x: jax.Array
   return named(state['intermediates'])
 
 
+def traced(model: nn.Module, variables: Any, x: jax.Array
+           ) -> list[tuple[str, jax.Array]]:
+  """Every intermediate of one eval-mode call, named, in call order, not
+  jitted: for callers that trace it inside a larger jitted program (the
+  explorer compiles its whole update as one)."""
+  return _capture_raw(model, variables, x)
+
+
 def capture(model: nn.Module, variables: Any, x: jax.Array
             ) -> list[FeatureMap]:
   """Every 4-D intermediate of ``model.apply(variables, x, train=False)``.

