@@ -35,6 +35,7 @@ from cnn_jax import progress as progress_lib
 from cnn_jax import results as results_lib
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.checkpointing import Checkpointer
+from cnn_jax import config as config_lib
 from cnn_jax.config import Config, CnnJaxError
 
 # Called before each chunk of steps with (the step it starts at, its steps):
@@ -282,18 +283,6 @@ def setup(config: Config, num_classes: int, image_shape: Sequence[int],
                data_key(config))
 
 
-def _warn_about(config: Config) -> None:
-  if (config.best_metric == 'val_loss' and config.label_smoothing > 0
-      and config.epochs > 1):
-    # experiments/FINDINGS.md: with smoothing 0.1 the lowest validation loss
-    # of DeepCNN fell on epoch 2 of 18 for 2 of 4 seeds.
-    logging.warning('--best_metric=val_loss with --label_smoothing=%g: a '
-                    'label-smoothed model\'s validation cross-entropy barely '
-                    'moves once it fits, so the "best" epoch can be an early, '
-                    'worse one; --best_metric=val_accuracy is safer',
-                    config.label_smoothing)
-
-
 def train_and_evaluate(config: Config, workdir: str,
                        hooks: Sequence[Hook] = ()) -> dict[str, Any]:
   """Trains, checkpoints and tests one run; returns ``results.json``'s dict.
@@ -313,7 +302,8 @@ def _train_and_evaluate(config: Config, workdir: str, hooks: Sequence[Hook],
   phases = phases_lib.Phases()  # Where the time goes, logged at the end.
   workdir_lib.prepare(config, workdir)
   registry.create_model(config, 1)  # A bad model fails before data loads.
-  _warn_about(config)
+  for warning in config_lib.warnings(config):
+    logging.warning('%s', warning)
   phases.lap('setup')
   data = input_pipeline.load(config)
   info = data.info

@@ -135,3 +135,13 @@ def test_config_is_immutable_and_replace_makes_a_new_one():
 def test_an_ensemble_config_names_its_members():
   config = Config(model='ensemble', members='members/0,members/1')
   assert validate(config) is config
+
+
+def test_warnings_name_settings_that_are_valid_but_unwise_together():
+  from cnn_jax.config import warnings
+  assert warnings(Config()) == []
+  said = warnings(Config(best_metric='val_loss', label_smoothing=0.1,
+                         epochs=18))
+  assert len(said) == 1 and 'label_smoothing=0.1' in said[0]
+  assert warnings(Config(best_metric='val_loss', label_smoothing=0.1,
+                         epochs=1)) == []  # One epoch: nothing to choose.

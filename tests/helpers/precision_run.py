@@ -52,17 +52,14 @@ def train_bf16_deep_cnn() -> dict[str, np.ndarray]:
   import jax.numpy as jnp
   from cnn_jax import train
   config = train_steps.make_config('deep_cnn', 'bfloat16', learning_rate=1e-2)
-  trainer = train.Trainer(config, train_steps.NUM_CLASSES)
-  net = trainer.model
-  state = jax.device_put(
-      train.create_train_state(config, net, train_steps.IMAGE_SHAPE, STEPS),
-      trainer.replicated)
   images, labels = train_steps.synthetic_data()
-  images_dev, labels_dev = trainer.put(images), trainer.put(labels)
+  run = train.setup(config, train_steps.NUM_CLASSES, train_steps.IMAGE_SHAPE,
+                    images, labels)
+  trainer, state = run.trainer, run.state
   batch = trainer.put(np.arange(config.batch_size)[None])  # Same batch.
   losses = []
   for _ in range(STEPS):
-    state, m = trainer.train_chunk(state, images_dev, labels_dev, batch)
+    state, m = trainer.train_chunk(state, run.images, run.labels, batch)
     losses.append(float(m['loss_sum']) / float(m['count']))
   leaves = jax.tree_util.tree_leaves(
       (state.params, state.opt_state, state.batch_stats))

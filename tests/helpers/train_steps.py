@@ -95,23 +95,22 @@ def run(model_name: str, num_devices: int, dtype: str, host_state: Any
   from jax.sharding import Mesh
   from cnn_jax import train
   mesh = Mesh(np.array(jax.devices()[:num_devices]), ('data',))
-  config = make_config(model_name, dtype)
-  trainer = train.Trainer(config, NUM_CLASSES, mesh=mesh)
-  state = jax.device_put(host_state, trainer.replicated)
   images, labels = synthetic_data()
-  images_dev, labels_dev = trainer.put(images), trainer.put(labels)
-  logits0 = trainer.predictor.logits(train.variables_of(state), images_dev)
+  setup = train.setup(make_config(model_name, dtype), NUM_CLASSES, IMAGE_SHAPE,
+                      images, labels, mesh=mesh, state=host_state)
+  trainer, state = setup.trainer, setup.state
+  logits0 = trainer.predictor.logits(train.variables_of(state), setup.images)
   idx_np = step_indices()
   losses = []
   for i in range(STEPS):  # One step per chunk: a loss per step.
     idx = jax.make_array_from_callback(
         (1, BATCH_SIZE), trainer.index_sharding,
         lambda index, i=i: idx_np[i:i + 1][index])
-    state, m = trainer.train_chunk(state, images_dev, labels_dev, idx)
+    state, m = trainer.train_chunk(state, setup.images, setup.labels, idx)
     losses.append(float(_local(m['loss_sum'])) / float(_local(m['count'])))
   variables = train.variables_of(state)
   out = {'loss': np.array(losses), 'logits0': _local(logits0),
-         'logits': _local(trainer.predictor.logits(variables, images_dev)),
+         'logits': _local(trainer.predictor.logits(variables, setup.images)),
          'step': _local(state.step)}
   out.update(_flat('params', state.params))
   if state.batch_stats:
