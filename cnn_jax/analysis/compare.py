@@ -18,7 +18,7 @@ from cnn_jax import input_pipeline
 from cnn_jax.analysis import captions, lesson_plots
 from cnn_jax.analysis.evaluation import Evaluation
 from cnn_jax.analysis.files import ReportFiles
-from cnn_jax.config import CnnJaxError
+from cnn_jax.config import Config, CnnJaxError
 
 MAX_SHOWN = 32  # Disagreeing images drawn per direction.
 
@@ -44,6 +44,27 @@ def check_same_dataset(info: input_pipeline.DatasetInfo,
         f'--compare={other_workdir} was trained on {other.describe()} but '
         f'this run on {info.describe()}; compare two runs on the same '
         'dataset')
+
+
+def other_config(other: str, info: input_pipeline.DatasetInfo) -> Config:
+  """The config of the ``--compare`` workdir (a run of any kind), checked
+  to hold a run on the dataset of ``info``; every failure is one line
+  naming the flag."""
+  from cnn_jax import workdir as workdir_lib
+  if not os.path.isdir(other):
+    raise CnnJaxError(f'--compare={other} does not exist; give the workdir '
+                      'of another trained run')
+  if not os.path.isfile(os.path.join(other, workdir_lib.CONFIG)):
+    raise CnnJaxError(f'--compare={other} holds no run (it has no '
+                      f'{workdir_lib.CONFIG})')
+  try:
+    config = workdir_lib.load_config(other)
+    check_same_dataset(info, workdir_lib.dataset_info(other, config), other)
+  except CnnJaxError as e:
+    if str(e).startswith('--compare='):
+      raise
+    raise CnnJaxError(f'--compare={other}: {e}') from e
+  return config
 
 
 def labels(model_a: str, workdir_a: str, model_b: str, workdir_b: str

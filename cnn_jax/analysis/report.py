@@ -73,20 +73,10 @@ def _first_network(ens: inference.Ensemble) -> _First:
 def _other_run(other: str, info: input_pipeline.DatasetInfo
                ) -> inference.Ensemble:
   """The ``--compare`` workdir (any kind), checked to be on the dataset."""
-  if not os.path.isdir(other):
-    raise CnnJaxError(f'--compare={other} does not exist; give the workdir '
-                      'of another trained run')
-  if not os.path.isfile(os.path.join(other, workdir_lib.CONFIG)):
-    raise CnnJaxError(f'--compare={other} holds no run (it has no '
-                      f'{workdir_lib.CONFIG})')
+  config = compare_lib.other_config(other, info)
   try:
-    other_config = workdir_lib.load_config(other)
-    compare_lib.check_same_dataset(
-        info, workdir_lib.dataset_info(other, other_config), other)
-    return inference.load(other, other_config)
+    return inference.load(other, config)
   except CnnJaxError as e:
-    if str(e).startswith('--compare='):
-      raise
     raise CnnJaxError(f'--compare={other}: {e}') from e
 
 

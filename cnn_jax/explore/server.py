@@ -63,27 +63,6 @@ def _label(config: Config) -> str:
   return config.model
 
 
-def _compare_config(compare: str, info: Any) -> Config:
-  """The ``--compare`` run's config, checked to be a run on the dataset of
-  ``info`` before anything is compiled."""
-  from cnn_jax.analysis import compare as compare_lib
-  if not os.path.isdir(compare):
-    raise CnnJaxError(f'--compare={compare} does not exist; give the '
-                      'workdir of another trained run')
-  if not os.path.isfile(os.path.join(compare, workdir_lib.CONFIG)):
-    raise CnnJaxError(f'--compare={compare} holds no run (it has no '
-                      f'{workdir_lib.CONFIG})')
-  try:
-    other = workdir_lib.load_config(compare)
-    compare_lib.check_same_dataset(
-        info, workdir_lib.dataset_info(compare, other), compare)
-  except CnnJaxError as e:
-    if str(e).startswith('--compare='):
-      raise
-    raise CnnJaxError(f'--compare={compare}: {e}') from e
-  return other
-
-
 def load_explorer(config: Config, workdir: str, compare: str | None
                   ) -> Any:
   """The `Explorer` of ``workdir`` (and ``compare``), compiled, and the
@@ -92,8 +71,8 @@ def load_explorer(config: Config, workdir: str, compare: str | None
   import jax
   from cnn_jax.analysis import compare as compare_lib
   from cnn_jax.explore import networks, panels
-  other = (_compare_config(compare, workdir_lib.dataset_info(workdir, config))
-           if compare else None)
+  info = workdir_lib.dataset_info(workdir, config)
+  other = compare_lib.other_config(compare, info) if compare else None
   devices = jax.devices()
   runs = [networks.load(workdir, config, devices[0])]
   if other is None:
