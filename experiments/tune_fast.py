@@ -45,6 +45,10 @@ VAL_CORRUPTION_SEED = 1
 config_flags.define_config_flags()
 FLAGS = flags.FLAGS
 _TYPES = {f.name: f.type for f in dataclasses.fields(Config)}
+# Fields that decide which data is read: the sweep reads it once, so only
+# train_examples (a prefix of the one training split) may vary.
+_DATA_FIELDS = ('dataset', 'tfds_data_dir', 'val_examples', 'test_examples',
+                'permute_pixels')
 
 
 def parse_grid(specs: list[str]) -> list[dict[str, Any]]:
@@ -54,6 +58,9 @@ def parse_grid(specs: list[str]) -> list[dict[str, Any]]:
   axes = []
   for spec in specs:
     name, _, values = spec.partition('=')
+    if name in _DATA_FIELDS:
+      raise app.UsageError(f'--grid: {name!r} changes the data the sweep '
+                           'reads once; run one sweep per value')
     if _TYPES.get(name) not in cast:
       raise app.UsageError(f'--grid: {name!r} is not a Config field of one '
                            'number, string or bool')
@@ -65,8 +72,9 @@ def validate_run(config: Config, data: Any) -> dict[str, float]:
   """Trains ``config`` like `train.train_and_evaluate`; validation metrics."""
   import jax
   from cnn_jax import train
+  n = config.train_examples or None
   run = train.setup(config, data.info.num_classes, data.info.image_shape,
-                    data.train.images, data.train.labels)
+                    data.train.images[:n], data.train.labels[:n])
   run.trainer.compile(run.state, run.images, run.labels, run.chunk)
   state = run.state
   t0 = time.perf_counter()
@@ -104,7 +112,9 @@ def main(argv: list[str]) -> None:
     with open(_OUT.value) as f:
       done = {json.dumps([r['settings'], r['seed']], sort_keys=True)
               for r in map(json.loads, f) if r}
-  data = input_pipeline.load(base, splits=('train', 'val'))
+  # The whole training split: each setting's train_examples takes a prefix.
+  data = input_pipeline.load(base.replace(train_examples=0),
+                             splits=('train', 'val'))
   for settings in parse_grid(_GRID.value):
     for seed in map(int, _SEEDS.value):
       key = json.dumps([settings, seed], sort_keys=True)

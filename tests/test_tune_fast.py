@@ -55,3 +55,16 @@ def test_sweep_records_validation_only_and_resumes(tmp_path):
 def test_unknown_grid_field_is_a_usage_error(tmp_path):
   proc = _tune(tmp_path, '--grid=learning_rat=1e-3')
   assert proc.returncode != 0 and 'not a Config field' in proc.stderr
+
+
+def test_train_examples_is_swept_and_data_fields_are_refused(tmp_path):
+  proc = _tune(tmp_path, '--grid=train_examples=32,0', '--seeds=0')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  small, whole = [json.loads(line) for line in
+                  (tmp_path / 'tune.jsonl').read_text().splitlines()]
+  assert small['settings'] == {'train_examples': 32}
+  # One step on 32 images is not the epoch on all of them.
+  assert small['val_loss'] != whole['val_loss']
+  refused = _tune(tmp_path, '--grid=val_examples=32,64')
+  assert refused.returncode != 0
+  assert 'changes the data the sweep reads once' in refused.stderr
