@@ -95,7 +95,8 @@ def serve(workdir: str, port: int, compare: str | None = None,
     if server.process.poll() is None:
       server.process.send_signal(signal.SIGINT)
       try:
-        server.process.wait(timeout=30)
+        # Closing Gradio's server can take tens of seconds on a loaded CPU.
+        server.process.wait(timeout=120)
       except subprocess.TimeoutExpired:
         server.process.kill()
         server.process.wait()
