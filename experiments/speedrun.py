@@ -4,6 +4,8 @@ a user runs them, timed whole, over several seeds.
   python -m experiments.speedrun                     # every target, a table
   python -m experiments.speedrun --targets=99.0 --seeds=5 --json
 
+Every run reads MNIST from ``$TFDS_DATA_DIR`` (or TFDS's default folder).
+
 Each target has a recipe flagfile in ``experiments/configs/`` (`TARGETS`),
 chosen on the validation split only. For each recipe this runs one untimed
 command first (it fills the decoded-data and compilation caches, as any
@@ -40,6 +42,8 @@ from typing import Any, Sequence
 
 from absl import app, flags
 
+FLAGS = flags.FLAGS
+
 from cnn_jax import config_flags
 from cnn_jax import results as results_lib
 
@@ -54,17 +58,17 @@ TARGETS = {'99.0': 'target_99.flags', '99.5': 'target_99_5.flags',
 GOAL_SECONDS = {'99.0': 8.0, '99.5': 60.0, '99.75': 25 * 60.0}
 KERAS_REFERENCE = 5400.0
 
-_TARGETS = flags.DEFINE_list('targets', list(TARGETS),
-                             'Targets to run (test accuracy, %).')
-_SEEDS = flags.DEFINE_integer('seeds', 3, 'Timed runs (seeds) per target.')
-_TFDS_DATA_DIR = flags.DEFINE_string(
-    'tfds_data_dir', os.environ.get('TFDS_DATA_DIR', ''),
-    'TFDS data dir for every run (default: $TFDS_DATA_DIR).')
-_OUT = flags.DEFINE_string('out', '', 'Keep the runs\' workdirs here '
-                           '(default: a temporary folder, removed).')
-_PEERS = flags.DEFINE_bool('peers', True, 'Also time Keras and PyTorch '
-                           'training SimpleCNN here (the scale of this CPU).')
-_JSON = flags.DEFINE_bool('json', False, 'Print one JSON object.')
+def define_flags() -> None:
+  """The script's flags, defined when it runs (importing it for its
+  functions leaves absl's flags to cnn_jax.main)."""
+  flags.DEFINE_list('targets', list(TARGETS),
+                    'Targets to run (test accuracy, %).')
+  flags.DEFINE_integer('seeds', 3, 'Timed runs (seeds) per target.')
+  flags.DEFINE_string('out', '', 'Keep the runs\' workdirs here '
+                      '(default: a temporary folder, removed).')
+  flags.DEFINE_bool('peers', True, 'Also time Keras and PyTorch '
+                    'training SimpleCNN here (the scale of this CPU).')
+  flags.DEFINE_bool('json', False, 'Print one JSON object.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,24 +210,26 @@ def table(rows: Sequence[dict[str, Any]], peers: dict[str, float]) -> str:
 
 def main(argv: list[str]) -> None:
   del argv
-  unknown = [t for t in _TARGETS.value if t not in TARGETS]
-  if unknown or _SEEDS.value < 1:
+  unknown = [t for t in FLAGS.targets if t not in TARGETS]
+  if unknown or FLAGS.seeds < 1:
     raise SystemExit(f'error: --targets takes {", ".join(TARGETS)} and '
                      '--seeds a positive count')
-  root = _OUT.value or tempfile.mkdtemp(prefix='speedrun_')
+  root = FLAGS.out or tempfile.mkdtemp(prefix='speedrun_')
   try:
-    rows = [time_target(t, _SEEDS.value, root, _TFDS_DATA_DIR.value)
-            for t in _TARGETS.value]
+    data_dir = os.environ.get('TFDS_DATA_DIR', '')
+    rows = [time_target(t, FLAGS.seeds, root, data_dir)
+            for t in FLAGS.targets]
   finally:
-    if not _OUT.value:
+    if not FLAGS.out:
       shutil.rmtree(root, ignore_errors=True)
-  peers = peer_speed() if _PEERS.value else {}
+  peers = peer_speed() if FLAGS.peers else {}
   rows = [judge(r, peers.get('keras')) for r in rows]
-  if _JSON.value:
+  if FLAGS.json:
     print(json.dumps({'targets': rows, 'peers_img_per_s': peers}, indent=1))
   else:
     print(table(rows, peers))
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
