@@ -10,6 +10,9 @@ Each image gets its own random draws from the step's key:
 * ``--aug_thickness=T``: thicker or thinner strokes, up to T (a fraction of
   one 3x3 grey dilation or erosion step, so 1 is a pixel of ink each side);
 * ``--aug_blur=S``: a Gaussian blur of sigma up to S pixels;
+* ``--aug_levels=L``: other ink and paper: contrast scaled by a factor c
+  from 1 - L to 1 and the background lifted by up to 1 - c (faint ink, a
+  grey page; ink never above 1);
 * ``--aug_noise=N``: Gaussian pixel noise of standard deviation up to N;
 * ``--aug_erase=P``: with probability P, a random rectangle (2-20% of the
   image) of ink or paper erased to the background.
@@ -43,18 +46,24 @@ class Augmentation:
   blur: float = 0.0
   noise: float = 0.0
   erase: float = 0.0
+  levels: float = 0.0
 
   @classmethod
   def from_config(cls, config: Config) -> 'Augmentation':
     return cls(config.augment, config.aug_max_shift, config.aug_max_rotation,
                config.aug_max_scale, config.aug_elastic,
                config.aug_elastic_sigma, config.aug_thickness, config.aug_blur,
-               config.aug_noise, config.aug_erase)
+               config.aug_noise, config.aug_erase, config.aug_levels)
 
   @property
   def active(self) -> bool:
-    return bool(self.affine or self.elastic or self.thickness or self.blur
-                or self.noise or self.erase)
+    return bool(self.affine or self.elastic or self.pixelwise)
+
+  @property
+  def pixelwise(self) -> bool:
+    """Whether any per-pixel change (not a warp) is on."""
+    return bool(self.thickness or self.blur or self.levels or self.noise
+                or self.erase)
 
 
 def _smoothing_matrix(n: int, sigma: float) -> jax.Array:
@@ -142,6 +151,15 @@ def _blur(key: jax.Array, x: jax.Array, max_sigma: float) -> jax.Array:
   return jnp.einsum('ij,jkc,lk->ilc', gh, x, gw)
 
 
+def _levels(key: jax.Array, x: jax.Array, max_change: float) -> jax.Array:
+  """Other ink and paper: ``p + c * x`` with contrast c uniform in
+  [1 - max_change, 1] and paper p uniform in [0, 1 - c]."""
+  k_c, k_p = jax.random.split(key)
+  c = jax.random.uniform(k_c, (), minval=1.0 - max_change, maxval=1.0)
+  p = jax.random.uniform(k_p, (), maxval=1.0 - c)
+  return p + c * x
+
+
 def _noise(key: jax.Array, x: jax.Array, max_std: float) -> jax.Array:
   k_std, k_noise = jax.random.split(key)
   std = jax.random.uniform(k_std, (), maxval=max_std)
@@ -169,8 +187,8 @@ def _erase(key: jax.Array, x: jax.Array, prob: float) -> jax.Array:
 
 def _pixels(key: jax.Array, image: jax.Array, aug: Augmentation
             ) -> jax.Array:
-  """The per-pixel augmentations of one image, in the order ink, blur,
-  noise, erasing."""
+  """The per-pixel augmentations of one image, in the order stroke width,
+  blur, noise, erasing, ink and paper levels."""
   k_thick, k_blur, k_noise, k_erase = jax.random.split(key, 4)
   if aug.thickness:
     image = _thickness(k_thick, image, aug.thickness)
@@ -180,6 +198,8 @@ def _pixels(key: jax.Array, image: jax.Array, aug: Augmentation
     image = _noise(k_noise, image, aug.noise)
   if aug.erase:
     image = _erase(k_erase, image, aug.erase)
+  if aug.levels:
+    image = _levels(jax.random.fold_in(key, 4), image, aug.levels)
   return image
 
 
@@ -201,7 +221,7 @@ def apply(key: jax.Array, images: jax.Array, aug: Augmentation) -> jax.Array:
     else:
       images = jax.vmap(lambda x, a, s, t: _warp(x, a, s, t, None))(
           images, angle, scale, shift)
-  if aug.thickness or aug.blur or aug.noise or aug.erase:
+  if aug.pixelwise:
     keys = jax.random.split(jax.random.fold_in(key, 2), n)
     images = jax.vmap(lambda k, x: _pixels(k, x, aug))(keys, images)
   return images

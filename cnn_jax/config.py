@@ -92,6 +92,10 @@ class Config:
   aug_erase: float = _f(0.0, 'Random erasing: the probability that a '
                         'rectangle of 2-20% of an image is set to the '
                         'background (0 = off).')
+  aug_levels: float = _f(0.0, 'Ink and paper levels: contrast scaled by a '
+                         'factor from 1 - L to 1 and the background lifted '
+                         'by up to what that frees, so faint ink on a grey '
+                         'page (0 = off).')
 
   # Model.
   model: str = _f('simple_cnn', 'Model from the registry '
@@ -241,7 +245,7 @@ def validate(config: Config) -> Config:
       bad(f'--{name} must be >= 0, got {v}')
   for name in ('label_smoothing', 'momentum', 'adam_b1',
                'adam_b2', 'aug_max_scale',  # A zoom of 1 could flip.
-               'aug_erase'):
+               'aug_erase', 'aug_levels'):  # Contrast 0 erases the digit.
     v = getattr(config, name)
     if not 0 <= v < 1:
       bad(f'--{name} must be in [0, 1), got {v}')

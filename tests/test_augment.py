@@ -177,7 +177,8 @@ def _aug(images: jax.Array, seed: int = 0, **kw) -> np.ndarray:
 
 def test_robustness_augmentations_keep_shape_range_and_are_seeded():
   x = _digit()
-  kw = dict(elastic=2.0, thickness=1.0, blur=1.0, noise=0.1, erase=0.5)
+  kw = dict(elastic=2.0, thickness=1.0, blur=1.0, noise=0.1, erase=0.5,
+            levels=0.6)
   out = _aug(x, **kw)
   assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
   np.testing.assert_array_equal(out, _aug(x, **kw))
@@ -225,6 +226,31 @@ def test_blur_and_noise_and_erasing_do_what_they_say():
   assert (frac[hit] >= 0.01).all() and (frac[hit] <= 0.25).all()
 
 
+def test_levels_give_faint_ink_on_a_grey_page_never_brighter_than_white():
+  x = _digit()
+  out = _aug(x, levels=0.7)
+  paper = out[:, 0, 0, 0]  # A corner: background.
+  ink = out[:, 10, 13, 0]  # On the bar.
+  contrast = ink - paper
+  assert (paper >= 0).all() and (ink <= 1 + 1e-6).all()
+  assert paper.max() > 0.1 and (paper > 0).mean() > 0.9  # Grey pages.
+  assert contrast.min() >= 0.3 - 1e-6 and contrast.min() < 0.6  # Faint ink.
+  assert (contrast <= 1 + 1e-6).all()
+  # Every background pixel of an image takes the same level, every ink
+  # pixel the same: levels change the page, not the shape.
+  np.testing.assert_allclose(out[:, :5].reshape(N, -1).std(1), 0, atol=1e-6)
+  # With the other per-pixel options, theirs are drawn as without levels
+  # (its key is folded apart) and levels act last: each image is p + c *
+  # the image it was.
+  base = _aug(x, noise=0.1, erase=0.5).reshape(N, -1)
+  both = _aug(x, noise=0.1, erase=0.5, levels=0.5).reshape(N, -1)
+  for b, o in zip(base, both):
+    a = np.stack([np.ones_like(b), b], 1)
+    (p, c), *_ = np.linalg.lstsq(a, o, rcond=None)
+    np.testing.assert_allclose(p + c * b, o, atol=1e-5)
+    assert 0.5 - 1e-6 <= c <= 1 + 1e-6
+
+
 def test_augment_alone_draws_as_before_the_robustness_options():
   """`--augment` by itself: the same warp `random_affine` draws, so
   recipes trained before these options reproduce."""
@@ -238,7 +264,8 @@ def test_augment_alone_draws_as_before_the_robustness_options():
 @pytest.mark.parametrize('flag,value', [('aug_elastic', 2.0),
                                         ('aug_thickness', 0.8),
                                         ('aug_blur', 1.0), ('aug_noise', 0.1),
-                                        ('aug_erase', 0.9)])
+                                        ('aug_erase', 0.9),
+                                        ('aug_levels', 0.5)])
 def test_each_robustness_flag_reaches_the_train_step(flag, value):
   images, _, (plain,) = _model_inputs(Config(), (0,))
   _, _, (changed,) = _model_inputs(Config(**{flag: value}), (0,))

@@ -64,6 +64,7 @@ BAD_VALUES = [
     # A zoom of 100% or more could scale an image by 0 or flip it.
     ('aug_max_scale', 1.0, '--aug_max_scale must be in [0, 1)'),
     ('aug_max_scale', -0.1, '--aug_max_scale must be in [0, 1)'),
+    ('aug_levels', 1.0, '--aug_levels must be in [0, 1)'),
     # A dataset name.
     ('dataset', '  ', '--dataset must name a TFDS dataset'),
 ]
