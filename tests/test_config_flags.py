@@ -25,8 +25,19 @@ def test_flagfile_config_reads_the_recipes():
   assert deep.best_metric == 'val_loss' and deep.epochs == 18
   ensemble = config_flags.config_from_flagfile(str(CONFIGS / 'ensemble.flags'))
   assert ensemble == dataclasses.replace(deep, num_models=3)
+  robust = config_flags.config_from_flagfile(str(CONFIGS / 'robust.flags'))
+  assert robust == dataclasses.replace(deep, aug_levels=0.6, aug_noise=0.3,
+                                       aug_thickness=0.5, aug_blur=1.0)
   # Parsed privately: the process's own flags are left alone.
   assert set(flags.FLAGS) == before
+
+
+def test_every_recipe_reads():
+  names = sorted(p.name for p in CONFIGS.glob('*.flags'))
+  assert 'robust.flags' in names and len(names) >= 10
+  for name in names:
+    config = config_flags.config_from_flagfile(str(CONFIGS / name))
+    assert config.epochs >= 1, name
 
 
 def test_overrides_and_defaults():
