@@ -413,3 +413,33 @@ def test_page_handlers(ensemble_nets, simple, seven):
   assert len(bad) == len(out)
   assert all(isinstance(o, dict) and o.get('__type__') == 'update'
              for o in bad[1:])
+
+
+def test_ctrl_c_does_not_wait_forever_for_the_web_server(monkeypatch):
+  """A Gradio close that never returns (a request still open) leaves
+  Ctrl-C a bounded wait, with a warning; a prompt close is waited for."""
+  import threading
+  import time
+  from absl import logging as absl_logging
+  warnings = []
+  monkeypatch.setattr(absl_logging, 'warning',
+                      lambda msg, *a: warnings.append(msg % a))
+  monkeypatch.setattr(server, 'CLOSE_SECONDS', 0.2)
+  stuck, closed = threading.Event(), []
+
+  class Stuck:
+    def close(self):
+      stuck.wait()
+
+  class Quick:
+    def close(self):
+      closed.append(True)
+
+  started = time.perf_counter()
+  server._close(Stuck())
+  assert time.perf_counter() - started < 5
+  assert len(warnings) == 1 and 'did not close' in warnings[0]
+  stuck.set()
+  warnings.clear()
+  server._close(Quick())
+  assert closed == [True] and warnings == []

@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -31,6 +32,8 @@ from cnn_jax.config import Config, CnnJaxError
 
 SCRATCH = 'explore'
 SCRATCH_PARTS = ('uploads', 'matplotlib')
+# Ctrl-C waits this long for Gradio's server to finish its open requests.
+CLOSE_SECONDS = 20.0
 
 
 def check_port(host: str, port: int) -> None:
@@ -164,11 +167,23 @@ def serve(config: Config, workdir: str, compare: str | None = None,
       pass
     finally:
       signal.signal(signal.SIGTERM, previous)
-      demo.close()
+      _close(demo)
   finally:
     _remove(scratch)
   print('explorer stopped', flush=True)
   return 0
+
+
+def _close(demo: Any) -> None:
+  """Closes the Gradio app, giving up after `CLOSE_SECONDS`: a request
+  still open (a slow client, a loaded CPU) must not keep Ctrl-C from
+  stopping the explorer. The process exits right after, ending it."""
+  closer = threading.Thread(target=demo.close, daemon=True)
+  closer.start()
+  closer.join(CLOSE_SECONDS)
+  if closer.is_alive():
+    logging.warning('the web server did not close within %.0fs; stopping '
+                    'without it', CLOSE_SECONDS)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
