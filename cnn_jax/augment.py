@@ -10,12 +10,12 @@ Each image gets its own random draws from the step's key:
 * ``--aug_thickness=T``: thicker or thinner strokes, up to T (a fraction of
   one 3x3 grey dilation or erosion step, so 1 is a pixel of ink each side);
 * ``--aug_blur=S``: a Gaussian blur of sigma up to S pixels;
-* ``--aug_levels=L``: other ink and paper: contrast scaled by a factor c
-  from 1 - L to 1 and the background lifted by up to 1 - c (faint ink, a
-  grey page; ink never above 1);
 * ``--aug_noise=N``: Gaussian pixel noise of standard deviation up to N;
 * ``--aug_erase=P``: with probability P, a random rectangle (2-20% of the
-  image) of ink or paper erased to the background.
+  image) of ink or paper erased to the background;
+* ``--aug_levels=L``: other ink and paper, applied last: contrast scaled by
+  a factor c from 1 - L to 1 and the background lifted by up to 1 - c
+  (faint ink, a grey page; ink never above 1).
 
 Strengths are uniform between none and the maximum, per image, so a batch
 always holds nearly clean images too. Images are float32 NHWC in [0, 1].
