@@ -42,10 +42,10 @@ from typing import Any, Sequence
 
 from absl import app, flags
 
-FLAGS = flags.FLAGS
-
 from cnn_jax import config_flags
 from cnn_jax import results as results_lib
+
+FLAGS = flags.FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, 'experiments', 'configs')
@@ -57,6 +57,7 @@ TARGETS = {'99.0': 'target_99.flags', '99.5': 'target_99_5.flags',
 # img/s in `experiments.benchmark`; scaled here by Keras's speed now.
 GOAL_SECONDS = {'99.0': 8.0, '99.5': 60.0, '99.75': 25 * 60.0}
 KERAS_REFERENCE = 5400.0
+
 
 def define_flags() -> None:
   """The script's flags, defined when it runs (importing it for its
