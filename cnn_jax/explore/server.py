@@ -159,14 +159,18 @@ def serve(config: Config, workdir: str, compare: str | None = None,
     shown = f'[{host}]' if ':' in host else host
     print(f'explorer of {workdir} at http://{shown}:{port}/ '
           '(Ctrl-C to stop)', flush=True)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGINT too: Python leaves Ctrl-C ignored in a process started with it
+    # ignored (a shell's background job), and the explorer must still stop.
+    previous = {s: signal.signal(s, _interrupt)
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
       while True:
         time.sleep(0.5)
     except KeyboardInterrupt:
       pass
     finally:
-      signal.signal(signal.SIGTERM, previous)
+      for s, handler in previous.items():
+        signal.signal(s, handler)
       _close(demo)
   finally:
     _remove(scratch)
