@@ -29,6 +29,10 @@ from cnn_jax.config import Config  # noqa: E402
 # The entry points' XLA defaults, one device per test process (tests that
 # need several set them in a subprocess).
 runtime.configure_xla(host_devices=1)
+# Compiled programs are kept in that folder, as `cnn_jax.main` keeps them:
+# the many tiny runs of the suite compile the same few programs, and a test
+# that needs a cold cache sets its own CNN_JAX_CACHE_DIR.
+runtime.enable_compilation_cache(runtime.compilation_cache_dir())
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MOCK_EXAMPLES = 256  # Per split under mock_data.
