@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cnn_jax import inference, input_pipeline, losses, models
+from cnn_jax import inference, input_pipeline, losses
 from cnn_jax import results as results_lib
 from cnn_jax.config import Config, CnnJaxError
 
@@ -104,8 +104,7 @@ def member_results(ensemble: inference.Ensemble, scores: Scores,
 
 
 def _member_params(run: inference.Restored) -> list[int]:
-  return [models.count_params(run.network_variables(k)['params'])
-          for k in range(run.num_members)]
+  return [run.params_per_network()] * run.num_members
 
 
 def ensemble_scores(test: Scores, val: Scores | None = None

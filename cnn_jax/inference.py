@@ -17,6 +17,7 @@ validates with a `Predictor` too.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Callable, Sequence
 
@@ -183,8 +184,10 @@ def best_members(meta: dict[str, Any]) -> list[dict[str, Any]]:
   return list(meta['members']) if 'members' in meta else [meta]
 
 
+@jax.jit
 def stack(variables: Any) -> Any:
-  """One network's variables with a leading member axis of 1."""
+  """One network's variables with a leading member axis of 1 (one program
+  for the whole tree)."""
   return jax.tree_util.tree_map(lambda a: a[None], variables)
 
 
@@ -207,6 +210,11 @@ class Restored:
   def predictor(self, mesh: Mesh | None = None) -> Predictor:
     return Predictor(self.model, self.config.eval_batch_size, mesh,
                      self.num_members)
+
+  def params_per_network(self) -> int:
+    """Scalar parameters of one network, from the shapes alone."""
+    return sum(math.prod(a.shape[1:]) for a in
+               jax.tree_util.tree_leaves(self.variables['params']))
 
   def network_variables(self, k: int) -> Any:
     """Network ``k``'s variables, without the member axis."""
