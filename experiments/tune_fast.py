@@ -10,7 +10,8 @@ and appends one JSON row to ``--out``: the settings, the seed, validation
 accuracy and loss, training seconds. Rows already in ``--out`` are skipped,
 so re-running the command resumes a sweep. One process: the data is read
 once (from the cnn_jax data cache) and programs compile once per setting.
-With ``--val_corruptions=N`` each row also has the mean accuracy of the
+With ``--val_tta=N,...`` each row also has the validation accuracy with
+that much test-time augmentation. With ``--val_corruptions=N`` each row also has the mean accuracy of the
 first N validation images under every corruption of `cnn_jax.corruptions`
 (robustness chosen without the test split or the font set).
 """
@@ -40,6 +41,11 @@ _VAL_CORRUPTIONS = flags.DEFINE_integer(
     'every corruption of cnn_jax.corruptions (seed VAL_CORRUPTION_SEED): '
     'robustness chosen on validation images, never on the test split or '
     'the font set (0 = off).')
+_VAL_TTA = flags.DEFINE_list(
+    'val_tta', [], 'Also score the validation split with test-time '
+    'augmentation: for each N listed (1-8), the probabilities of each image '
+    'and its first N shifted copies averaged (`--tta` of cnn_jax.main), as '
+    'val_ttaN_accuracy.')
 # Not robustness.py's default test seed: other draws on other images.
 VAL_CORRUPTION_SEED = 1
 config_flags.define_config_flags()
@@ -89,6 +95,11 @@ def validate_run(config: Config, data: Any) -> dict[str, float]:
   val, = run.trainer.evaluate(variables, data.val.images, data.val.labels)
   row = {'val_accuracy': val['accuracy'], 'val_loss': val['loss'],
          'train_seconds': seconds}
+  for n in map(int, _VAL_TTA.value):
+    from cnn_jax import losses
+    probs = predictor.probabilities(variables, data.val.images, n)
+    row[f'val_tta{n}_accuracy'] = losses.probability_metrics(
+        probs, data.val.labels)['accuracy']
   if _VAL_CORRUPTIONS.value:
     from cnn_jax import robustness
     n = _VAL_CORRUPTIONS.value
@@ -107,6 +118,9 @@ def main(argv: list[str]) -> None:
   runtime.configure_xla(0, FLAGS.batch_size)
   from cnn_jax import input_pipeline
   base = config_flags.config_from_flags()
+  if not all(v.isdigit() and 1 <= int(v) <= 8 for v in _VAL_TTA.value):
+    raise app.UsageError(f'--val_tta takes numbers from 1 to 8, got '
+                         f'{",".join(_VAL_TTA.value)}')
   done = set()
   if os.path.exists(_OUT.value):
     with open(_OUT.value) as f:

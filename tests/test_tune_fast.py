@@ -34,7 +34,7 @@ def _tune(tmp_path, *args: str) -> subprocess.CompletedProcess:
 
 def test_sweep_records_validation_only_and_resumes(tmp_path):
   args = ('--grid=train_examples=32,0', '--grid=adam_b2=0.99', '--seeds=0')
-  first = _tune(tmp_path, *args)
+  first = _tune(tmp_path, *args, '--val_tta=2')
   assert first.returncode == 0, first.stderr[-3000:]
   rows = [json.loads(line) for line in
           (tmp_path / 'tune.jsonl').read_text().splitlines()]
@@ -43,6 +43,7 @@ def test_sweep_records_validation_only_and_resumes(tmp_path):
       {'train_examples': 0, 'adam_b2': 0.99}]
   for r in rows:
     assert r['seed'] == 0 and 0 <= r['val_accuracy'] <= 1
+    assert 0 <= r['val_tta2_accuracy'] <= 1
     assert 'test_accuracy' not in r
   # Each setting trains on its own prefix of the training split: one step
   # on 32 images is not the epoch on all of them.
