@@ -11,7 +11,8 @@ accuracy and loss, training seconds. Rows already in ``--out`` are skipped,
 so re-running the command resumes a sweep. One process: the data is read
 once (from the cnn_jax data cache) and programs compile once per setting.
 With ``--val_tta=N,...`` each row also has the validation accuracy with
-that much test-time augmentation. With ``--val_corruptions=N`` each row also has the mean accuracy of the
+that much test-time augmentation. With ``--num_models=K`` a row scores the
+K members' averaged probabilities (members' own accuracies beside them). With ``--val_corruptions=N`` each row also has the mean accuracy of the
 first N validation images under every corruption of `cnn_jax.corruptions`
 (robustness chosen without the test split or the font set).
 """
@@ -92,11 +93,16 @@ def validate_run(config: Config, data: Any) -> dict[str, float]:
   seconds = time.perf_counter() - t0
   variables = train.variables_of(state)
   predictor = run.trainer.predictor
-  val, = run.trainer.evaluate(variables, data.val.images, data.val.labels)
-  row = {'val_accuracy': val['accuracy'], 'val_loss': val['loss'],
+  from cnn_jax import losses
+  vals = run.trainer.evaluate(variables, data.val.images, data.val.labels)
+  row = {'val_accuracy': vals[0]['accuracy'], 'val_loss': vals[0]['loss'],
          'train_seconds': seconds}
+  if config.num_models > 1:  # The members' probabilities averaged.
+    ensemble = losses.probability_metrics(
+        predictor.probabilities(variables, data.val.images), data.val.labels)
+    row.update(val_accuracy=ensemble['accuracy'], val_loss=ensemble['loss'],
+               val_member_accuracy=[v['accuracy'] for v in vals])
   for n in map(int, _VAL_TTA.value):
-    from cnn_jax import losses
     probs = predictor.probabilities(variables, data.val.images, n)
     row[f'val_tta{n}_accuracy'] = losses.probability_metrics(
         probs, data.val.labels)['accuracy']
@@ -118,6 +124,9 @@ def main(argv: list[str]) -> None:
   runtime.configure_xla(0, FLAGS.batch_size)
   from cnn_jax import input_pipeline
   base = config_flags.config_from_flags()
+  if _VAL_CORRUPTIONS.value and base.num_models > 1:
+    raise app.UsageError('--val_corruptions scores one network; it does not '
+                         'take --num_models')
   if not all(v.isdigit() and 1 <= int(v) <= 8 for v in _VAL_TTA.value):
     raise app.UsageError(f'--val_tta takes numbers from 1 to 8, got '
                          f'{",".join(_VAL_TTA.value)}')

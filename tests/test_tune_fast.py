@@ -62,3 +62,15 @@ def test_unknown_or_data_grid_field_is_a_usage_error(tmp_path):
   assert proc.returncode != 0
   assert 'changes the data the sweep reads once' in proc.stderr
 
+
+def test_members_are_scored_as_an_ensemble(tmp_path):
+  proc = _tune(tmp_path, '--num_models=2', '--val_tta=1', '--seeds=0')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  row, = [json.loads(line) for line in
+          (tmp_path / 'tune.jsonl').read_text().splitlines()]
+  members = row['val_member_accuracy']
+  assert len(members) == 2 and all(0 <= a <= 1 for a in members)
+  assert 0 <= row['val_accuracy'] <= 1 and 0 <= row['val_tta1_accuracy'] <= 1
+  assert _tune(tmp_path, '--num_models=2',
+               '--val_corruptions=8').returncode != 0
+
