@@ -153,8 +153,8 @@ class Checkpointer:
 
   def save_latest(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     self._save(self._latest, step, ocp.args.Composite(
-        state=ocp.args.StandardSave(_for_saving(state)), meta=ocp.args.JsonSave(meta)),
-               tree_bytes(state))
+        state=ocp.args.StandardSave(_for_saving(state)),
+        meta=ocp.args.JsonSave(meta)), tree_bytes(state))
 
   def restore_latest(self, target: Any) -> tuple[Any, dict[str, Any]] | None:
     """Newest readable (state, meta), falling back past corrupt ones.

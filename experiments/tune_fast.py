@@ -12,7 +12,8 @@ so re-running the command resumes a sweep. One process: the data is read
 once (from the cnn_jax data cache) and programs compile once per setting.
 With ``--val_tta=N,...`` each row also has the validation accuracy with
 that much test-time augmentation. With ``--num_models=K`` a row scores the
-K members' averaged probabilities (members' own accuracies beside them). With ``--val_corruptions=N`` each row also has the mean accuracy of the
+K members' averaged probabilities (members' own accuracies beside them).
+With ``--val_corruptions=N`` each row also has the mean accuracy of the
 first N validation images under every corruption of `cnn_jax.corruptions`
 (robustness chosen without the test split or the font set).
 """
