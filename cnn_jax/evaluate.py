@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cnn_jax import inference, input_pipeline, losses
+from cnn_jax import inference, input_pipeline, losses, models
 from cnn_jax import results as results_lib
 from cnn_jax.config import Config, CnnJaxError
 
@@ -104,7 +104,9 @@ def member_results(ensemble: inference.Ensemble, scores: Scores,
 
 
 def _member_params(run: inference.Restored) -> list[int]:
-  return [run.params_per_network()] * run.num_members
+  # From the shapes: indexing each network out would be a program per leaf.
+  k = run.num_members
+  return [models.count_params(run.variables['params']) // k] * k
 
 
 def ensemble_scores(test: Scores, val: Scores | None = None

@@ -17,7 +17,6 @@ validates with a `Predictor` too.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any, Callable, Sequence
 
@@ -210,11 +209,6 @@ class Restored:
   def predictor(self, mesh: Mesh | None = None) -> Predictor:
     return Predictor(self.model, self.config.eval_batch_size, mesh,
                      self.num_members)
-
-  def params_per_network(self) -> int:
-    """Scalar parameters of one network, from the shapes alone."""
-    return sum(math.prod(a.shape[1:]) for a in
-               jax.tree_util.tree_leaves(self.variables['params']))
 
   def network_variables(self, k: int) -> Any:
     """Network ``k``'s variables, without the member axis."""
