@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -159,6 +160,18 @@ def peer_speed() -> dict[str, float]:
   return out
 
 
+def machine() -> dict[str, Any]:
+  """The CPU model and core count, so a saved table says where it ran."""
+  model = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      model = next((line.split(':', 1)[1].strip() for line in f
+                    if line.startswith('model name')), model)
+  except OSError:
+    pass
+  return {'cpu': model, 'cpu_count': os.cpu_count()}
+
+
 def judge(row: dict[str, Any], keras_img_per_s: float | None
           ) -> dict[str, Any]:
   """``row`` with its goal: the goal's seconds scaled to this machine
@@ -186,7 +199,8 @@ def _miss(r: dict[str, Any]) -> str:
   return 'no: ' + ', '.join(parts)
 
 
-def table(rows: Sequence[dict[str, Any]], peers: dict[str, float]) -> str:
+def table(rows: Sequence[dict[str, Any]], peers: dict[str, float],
+          where: dict[str, Any] | None = None) -> str:
   """The judged targets as a Markdown table, then the machine's scale."""
   lines = ['| target | recipe | wall time (min / median) | goal here | '
            'test accuracy (mean / worst) | images seen | met |',
@@ -203,6 +217,8 @@ def table(rows: Sequence[dict[str, Any]], peers: dict[str, float]) -> str:
   goals = ', '.join(f'{t}% in {s:g} s' for t, s in GOAL_SECONDS.items())
   lines.append(f'\nGoals: {goals} where Keras trains SimpleCNN at '
                f'{KERAS_REFERENCE:,.0f} img/s; scaled here by {scale:.2f}.')
+  if where:
+    lines.append(f'\nMachine: {where["cpu"]}, {where["cpu_count"]} cores.')
   if peers:
     lines.append('\nSimpleCNN training speed on this machine now: ' + ', '.join(
         f'{k} {v:,.0f} img/s' for k, v in peers.items()))
@@ -225,10 +241,12 @@ def main(argv: list[str]) -> None:
       shutil.rmtree(root, ignore_errors=True)
   peers = peer_speed() if FLAGS.peers else {}
   rows = [judge(r, peers.get('keras')) for r in rows]
+  where = machine()
   if FLAGS.json:
-    print(json.dumps({'targets': rows, 'peers_img_per_s': peers}, indent=1))
+    print(json.dumps({'targets': rows, 'peers_img_per_s': peers,
+                      'machine': where}, indent=1))
   else:
-    print(table(rows, peers))
+    print(table(rows, peers, where))
 
 
 if __name__ == '__main__':

@@ -131,6 +131,7 @@ def main(argv: list[str]) -> None:
   if not all(v.isdigit() and 1 <= int(v) <= 8 for v in _VAL_TTA.value):
     raise app.UsageError(f'--val_tta takes numbers from 1 to 8, got '
                          f'{",".join(_VAL_TTA.value)}')
+  grid = parse_grid(_GRID.value)  # A usage error before any data loads.
   done = set()
   if os.path.exists(_OUT.value):
     with open(_OUT.value) as f:
@@ -139,7 +140,7 @@ def main(argv: list[str]) -> None:
   # The whole training split: each setting's train_examples takes a prefix.
   data = input_pipeline.load(base.replace(train_examples=0),
                              splits=('train', 'val'))
-  for settings in parse_grid(_GRID.value):
+  for settings in grid:
     for seed in map(int, _SEEDS.value):
       key = json.dumps([settings, seed], sort_keys=True)
       if key in done:

@@ -61,9 +61,17 @@ def test_goals_scale_by_this_machines_keras_speed():
   assert not missed['met']
   assert missed['accuracy_short_points'] == pytest.approx(0.10)
   assert missed['seconds_over_goal'] == pytest.approx(90.0)
-  text = speedrun.table([missed], {'keras': speedrun.KERAS_REFERENCE})
+  text = speedrun.table([missed], {'keras': speedrun.KERAS_REFERENCE},
+                        {'cpu': 'Some CPU', 'cpu_count': 2})
   assert 'no: 0.10 points short, 90.0 s over' in text
   assert 'scaled here by 1.00' in text
+  assert 'Machine: Some CPU, 2 cores.' in text
+
+
+def test_machine_names_this_cpu():
+  where = speedrun.machine()
+  assert isinstance(where['cpu'], str) and where['cpu'].strip()
+  assert where['cpu_count'] == os.cpu_count()
 
 
 def test_unknown_target_is_one_error_line():
