@@ -120,6 +120,16 @@ def test_kernel_sweep_times_stock_flax_all_kernels_and_all_but_one():
   assert list(sweep['mlp']) == ['flax', 'cpu']
   assert all(_positive(f['train_img_per_s'])
              for by in sweep.values() for f in by.values())
+  # Each variant trains the layers its name says: stock Flax for 'flax',
+  # every kernel for 'cpu', every kernel but one for 'cpu-<field>'.
+  assert set(sweep['deep_cnn']['flax']['layers']) == {'conv', 'pool', 'norm',
+                                                      'dropout'}
+  for name, f in sweep['deep_cnn'].items():
+    left_out = name.partition('-')[2]
+    for field, layer in f['layers'].items():
+      expect_kernel = name != 'flax' and field != left_out
+      assert layer.startswith('cnn_jax.kernels.') == expect_kernel, (
+          name, field, layer)
 
 
 def test_bad_model_or_kernels_are_one_line():

@@ -115,7 +115,8 @@ class JaxRunner:
 
   def __init__(self, model_name: str, s: dict[str, Any], data: tuple,
                layers: dict[str, Any] | None = None):
-    """``layers`` (model fields -> layer types) overrides ``--kernels``."""
+    """``layers`` (model fields -> layer types) overrides ``--kernels``:
+    the stock model with exactly those layers swapped in."""
     import jax
     from cnn_jax import models, registry, train
     self.jax = jax
@@ -126,7 +127,7 @@ class JaxRunner:
         num_models=s['num_models'], log_every_steps=s['steps'])
     model = None
     if layers is not None:
-      model = registry.create_model(self.config, NUM_CLASSES)
+      model = registry.create_model(self.config, NUM_CLASSES, training=False)
       fields = set(model.__dataclass_fields__)
       model = model.clone(**{k: v for k, v in layers.items() if k in fields})
     images, labels, eval_images = data

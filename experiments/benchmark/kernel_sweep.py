@@ -29,6 +29,14 @@ def kernel_variants() -> dict[str, dict[str, Any]]:
   return out
 
 
+def layer_names(model: Any) -> dict[str, str]:
+  """The model's swappable layers (field -> module.name of the type)."""
+  from cnn_jax import kernels
+  return {field: f'{layer.__module__}.{layer.__qualname__}'
+          for field in kernels.CPU_LAYERS
+          if (layer := getattr(model, field, None)) is not None}
+
+
 def kernel_sweep(s: dict[str, Any]) -> dict[str, Any]:
   """Training img/s of each model per kernel variant, taking turns."""
   n = s['steps'] * s['batch_size']
@@ -46,15 +54,16 @@ def kernel_sweep(s: dict[str, Any]) -> dict[str, Any]:
       first = timed(run)
       for _ in range(s['warmup']):
         run()
-      runs[name] = (run, first, [])
+      runs[name] = (run, first, [], layer_names(runner.model))
     for _ in range(s['repeats']):
-      for run, _, times in runs.values():
+      for run, _, times, _ in runs.values():
         times.append(timed(run))
     out[model_name] = {
         name: {'train_img_per_s': n / statistics.median(times),
                'compile_seconds': max(0.0, first - statistics.median(times)),
-               'train_img_per_s_each': [n / x for x in times]}
-        for name, (_, first, times) in runs.items()}
+               'train_img_per_s_each': [n / x for x in times],
+               'layers': layers}
+        for name, (_, first, times, layers) in runs.items()}
   return {'kernel_sweep': out, 'settings': {
       **s, 'load_average_1min': os.getloadavg()[0]}}
 
