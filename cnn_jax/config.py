@@ -31,10 +31,10 @@ BEST_METRICS = ('val_accuracy', 'val_loss')
 ENSEMBLE = 'ensemble'  # The --model of a --mode=ensemble workdir's config.
 
 # Fields a resumed run may change: where the data is, how often it logs and
-# saves, which kernels compute the same model.
+# saves, which kernels and how many host devices compute the same model.
 RESUMABLE_FIELDS = frozenset({'tfds_data_dir', 'download', 'log_every_steps',
                               'checkpoint_every_steps', 'kernels', 'tta',
-                              'cache', 'cache_dir'})
+                              'cache', 'cache_dir', 'host_devices'})
 # Fields that eval, analyze, predict and export take from the command line
 # over the workdir's saved config.
 EVAL_OVERRIDE_FIELDS = ('tfds_data_dir', 'download', 'eval_batch_size',
@@ -115,6 +115,13 @@ class Config:
                     'the CPU backend, flax on GPU/TPU).')
   dtype: str = _f('float32', 'Compute dtype (bfloat16 = mixed precision, '
                   'params stay float32).')
+  host_devices: int = _f(0, 'CPU only: split the host into this many XLA '
+                         'devices (one thread each) for data-parallel '
+                         'training; 0 = as many as CPU cores (the largest '
+                         'count <= cores that divides --batch_size). Set by '
+                         'the entry points before JAX starts; ignored when '
+                         'XLA_FLAGS already sets a device count, and on '
+                         'GPU/TPU.')
 
   # Optimization.
   epochs: int = _f(10, 'Training epochs.')
@@ -237,7 +244,7 @@ def validate(config: Config) -> Config:
     if not (v > 0 and math.isfinite(v)):
       bad(f'--{name} must be a positive number, got {v}')
   for name in ('val_examples', 'train_examples', 'test_examples',
-               'checkpoint_every_steps', 'warmup_epochs',
+               'checkpoint_every_steps', 'warmup_epochs', 'host_devices',
                'weight_decay', 'grad_clip_norm', 'aug_max_shift',
                'aug_max_rotation', 'aug_elastic', 'aug_blur', 'aug_noise'):
     v = getattr(config, name)

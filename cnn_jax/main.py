@@ -39,11 +39,6 @@ MODES = ('train', 'eval', 'analyze', 'predict', 'export', 'ensemble',
 _MODE = flags.DEFINE_string('mode', 'train', f'One of: {", ".join(MODES)}.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: config, '
                                'checkpoints, metrics, results, analysis.')
-_HOST_DEVICES = flags.DEFINE_integer(
-    'host_devices', 0, 'CPU only: split the host into this many XLA devices '
-    '(one thread each) for data-parallel training; 0 = as many as CPU cores '
-    '(the largest count <= cores that divides --batch_size). Ignored when '
-    'XLA_FLAGS already sets a device count, and on GPU/TPU.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() first (multi-host;'
     ' address/count/id from the flags below or the environment).')
@@ -112,13 +107,13 @@ def run(argv: Sequence[str], hooks: Sequence[Any] = ()) -> int:
     raise CnnJaxError('--workdir is required')
   if mode != 'predict' and len(argv) > 1:
     raise CnnJaxError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if _HOST_DEVICES.value < 0:
-    raise CnnJaxError(f'--host_devices must be >= 0, got {_HOST_DEVICES.value}')
+  if FLAGS.host_devices < 0:
+    raise CnnJaxError(f'--host_devices must be >= 0, got {FLAGS.host_devices}')
   # Multi-host runs get their parallelism from the processes: one device
   # each unless --host_devices says otherwise.
   runtime.configure_xla(
       1 if _DISTRIBUTED.value and not FLAGS['host_devices'].present
-      else _HOST_DEVICES.value, max(FLAGS.batch_size, 1))
+      else FLAGS.host_devices, max(FLAGS.batch_size, 1))
   if _COMPILATION_CACHE.value:
     directory = runtime.compilation_cache_dir(FLAGS.cache_dir)
     if not runtime.enable_compilation_cache(directory):

@@ -7,9 +7,11 @@ loaded): every combination of the ``--grid`` values, for every seed.
 
 Each run trains ``--epochs`` like ``cnn_jax.main`` (same steps, same params)
 and appends one JSON row to ``--out``: the settings, the seed, validation
-accuracy and loss, training seconds. Rows already in ``--out`` are skipped,
-so re-running the command resumes a sweep. One process: the data is read
-once (from the cnn_jax data cache) and programs compile once per setting.
+accuracy and loss, training seconds and the number of XLA devices it
+trained on (``--host_devices``, as in `cnn_jax.main`; one ``--out`` per
+count). Rows already in ``--out`` are skipped, so re-running the command
+resumes a sweep. One process: the data is read once (from the cnn_jax data
+cache) and programs compile once per setting.
 With ``--val_tta=N,...`` each row also has the validation accuracy with
 that much test-time augmentation. With ``--num_models=K`` a row scores the
 K members' averaged probabilities (members' own accuracies beside them).
@@ -69,6 +71,9 @@ def parse_grid(specs: list[str]) -> list[dict[str, Any]]:
     if name in _DATA_FIELDS:
       raise app.UsageError(f'--grid: {name!r} changes the data the sweep '
                            'reads once; run one sweep per value')
+    if name == 'host_devices':
+      raise app.UsageError("--grid: 'host_devices' is set once, before JAX "
+                           'starts; run one sweep per value')
     if _TYPES.get(name) not in cast:
       raise app.UsageError(f'--grid: {name!r} is not a Config field of one '
                            'number, string or bool')
@@ -97,7 +102,7 @@ def validate_run(config: Config, data: Any) -> dict[str, float]:
   from cnn_jax import losses
   vals = run.trainer.evaluate(variables, data.val.images, data.val.labels)
   row = {'val_accuracy': vals[0]['accuracy'], 'val_loss': vals[0]['loss'],
-         'train_seconds': seconds}
+         'train_seconds': seconds, 'devices': jax.device_count()}
   if config.num_models > 1:  # The members' probabilities averaged.
     ensemble = losses.probability_metrics(
         predictor.probabilities(variables, data.val.images), data.val.labels)
@@ -122,7 +127,7 @@ def validate_run(config: Config, data: Any) -> dict[str, float]:
 
 def main(argv: list[str]) -> None:
   del argv
-  runtime.configure_xla(0, FLAGS.batch_size)
+  runtime.configure_xla(max(FLAGS.host_devices, 0), FLAGS.batch_size)
   from cnn_jax import input_pipeline
   base = config_flags.config_from_flags()
   if _VAL_CORRUPTIONS.value and base.num_models > 1:

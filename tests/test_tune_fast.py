@@ -61,6 +61,20 @@ def test_unknown_or_data_grid_field_is_a_usage_error(tmp_path):
   proc = _tune(tmp_path, '--grid=val_examples=32,64')
   assert proc.returncode != 0
   assert 'changes the data the sweep reads once' in proc.stderr
+  proc = _tune(tmp_path, '--grid=host_devices=1,2')
+  assert proc.returncode != 0 and 'set once, before JAX' in proc.stderr
+
+
+def test_rows_train_on_the_host_devices_asked_for(tmp_path):
+  """``--host_devices`` (a recipe may set it) is the sweep's device count,
+  and each row says which it was."""
+  for devices in (1, 2):
+    out = tmp_path / f'tune{devices}.jsonl'
+    proc = _tune(tmp_path, f'--host_devices={devices}', '--seeds=0',
+                 f'--out={out}')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row, = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row['devices'] == devices
 
 
 def test_members_are_scored_as_an_ensemble(tmp_path):
