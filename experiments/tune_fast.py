@@ -33,7 +33,7 @@ from absl import app, flags, logging
 import numpy as np
 
 from cnn_jax import config_flags, runtime
-from cnn_jax.config import Config
+from cnn_jax.config import CnnJaxError, Config
 
 _GRID = flags.DEFINE_multi_string(
     'grid', [], 'FIELD=V1,V2,...: a Config field and the values to try.')
@@ -129,7 +129,10 @@ def main(argv: list[str]) -> None:
   del argv
   runtime.configure_xla(max(FLAGS.host_devices, 0), FLAGS.batch_size)
   from cnn_jax import input_pipeline
-  base = config_flags.config_from_flags()
+  try:
+    base = config_flags.config_from_flags()
+  except CnnJaxError as e:
+    raise app.UsageError(str(e)) from None
   if _VAL_CORRUPTIONS.value and base.num_models > 1:
     raise app.UsageError('--val_corruptions scores one network; it does not '
                          'take --num_models')

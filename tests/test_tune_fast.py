@@ -63,6 +63,9 @@ def test_unknown_or_data_grid_field_is_a_usage_error(tmp_path):
   assert 'changes the data the sweep reads once' in proc.stderr
   proc = _tune(tmp_path, '--grid=host_devices=1,2')
   assert proc.returncode != 0 and 'set once, before JAX' in proc.stderr
+  proc = _tune(tmp_path, '--host_devices=-1')
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+  assert '--host_devices must be >= 0, got -1' in proc.stderr
 
 
 def test_rows_train_on_the_host_devices_asked_for(tmp_path):
